@@ -1,0 +1,1 @@
+"""The `haulage` command: a thin front over workflows/ (see cli/main.py)."""

@@ -1,0 +1,179 @@
+"""The development stack: a Redis server and workers per queue, supervised.
+
+`haulage dev` runs it in the foreground; `haulage demo` runs it around one
+example run. Children run in their own process groups so that stopping the
+stack stops everything it started, and a child that dies unexpectedly is
+restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from haulage.errors import ConfigError
+from haulage.redis_server import find_redis_server, free_port, wait_for_port
+
+log = logging.getLogger("haulage.dev")
+
+#: a child restarted more often than this within a minute is given up on
+MAX_RESTARTS_PER_MINUTE = 5
+#: seconds a child gets to stop after SIGTERM before SIGKILL (a warm shutdown lets steps finish)
+STOP_GRACE = 20.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str]
+    where: str = ""
+    ready: Callable[[], None] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        if self.ready is not None:
+            self.ready()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class Stack:
+    """Start, supervise and stop the processes of the dev stack."""
+
+    def __init__(self, dev_dir: Path, *, modules: str, queues: tuple[str, ...] = ("short", "long", "dispatch"),
+                 out: Callable[[str], None] = print) -> None:  # fmt: skip
+        self.dev_dir = dev_dir
+        self.modules = modules
+        self.queues = queues
+        self.out = out
+        self.children: list[Child] = []
+        self.stopping = threading.Event()
+        self.redis_url = os.environ.get("HAULAGE_REDIS_URL", "")
+
+    def env(self) -> dict[str, str]:
+        # Children import the user's modules from the current directory, as the CLI does.
+        path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+        return {**os.environ, "HAULAGE_REDIS_URL": self.redis_url, "HAULAGE_MODULES": self.modules,
+                "PYTHONPATH": path}  # fmt: skip
+
+    def start(self) -> None:
+        logs = self.dev_dir / "logs"
+        if not self.redis_url:
+            port = int(os.environ.get("HAULAGE_DEV_REDIS_PORT") or free_port())
+            data = self.dev_dir / "redis"
+            data.mkdir(parents=True, exist_ok=True)
+            argv = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data.resolve()),
+                    "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]  # fmt: skip
+            self.redis_url = f"redis://127.0.0.1:{port}/0"
+            redis_child = Child("redis", argv, logs / "redis.log", dict(os.environ),
+                                where=f"{self.redis_url} (append-only file in {data})")  # fmt: skip
+            redis_child.ready = lambda: self._wait_port(redis_child, port)
+            self._launch(redis_child)
+        else:
+            self.out(f"  redis      {self.redis_url} (HAULAGE_REDIS_URL; not started here)")
+        os.environ["HAULAGE_REDIS_URL"] = self.redis_url
+        os.environ["HAULAGE_MODULES"] = self.modules
+        for queue in self.queues:
+            hostname = f"{queue}-{os.getpid()}@127.0.0.1"
+            argv = [sys.executable, "-m", "cli", "worker", "--queues", queue, "--hostname", hostname,
+                    "--concurrency", "2" if queue == "short" else "1"]  # fmt: skip
+            child = Child(f"worker:{queue}", argv, logs / f"worker-{queue}.log", self.env(),
+                          where=f"queue {queue!r}, node {hostname}")  # fmt: skip
+            self._launch(child)
+        self._wait_workers()
+
+    def _launch(self, child: Child) -> None:
+        child.start()
+        self.children.append(child)
+        self.out(f"  {child.name:<14} pid {child.proc.pid if child.proc else '?':<7} {child.where}  log {child.log_path}")
+
+    @staticmethod
+    def _wait_port(child: Child, port: int) -> None:
+        try:
+            wait_for_port(port, timeout=15, proc=child.proc)
+        except ConfigError as exc:
+            raise ConfigError(f"{child.name} did not start: {exc}; see {child.log_path}") from None
+
+    def _wait_workers(self, timeout: float = 60) -> None:
+        from tasks.app import app
+
+        names = [c.where.split("node ")[1] for c in self.children if c.name.startswith("worker:")]
+        deadline = time.monotonic() + timeout
+        pending = set(names)
+        while pending and time.monotonic() < deadline:
+            for reply in app.control.ping(destination=list(pending), timeout=0.5) or []:
+                pending -= set(reply)
+            for c in self.children:
+                if not c.alive():
+                    raise ConfigError(f"{c.name} exited during start-up; see {c.log_path}")
+        if pending:
+            raise ConfigError(f"workers did not answer within {timeout:.0f}s: {', '.join(sorted(pending))}")
+
+    def supervise(self, interval: float = 0.5) -> None:
+        """Restart children that die unexpectedly, until stop() is called."""
+        while not self.stopping.wait(interval):
+            for child in self.children:
+                if child.alive() or self.stopping.is_set():
+                    continue
+                code = child.proc.returncode if child.proc else None
+                now = time.monotonic()
+                child.restarts = [t for t in child.restarts if now - t < 60] + [now]
+                if len(child.restarts) > MAX_RESTARTS_PER_MINUTE:
+                    self.out(f"  {child.name} keeps dying (exit {code}); giving up on it, see {child.log_path}")
+                    child.proc = None
+                    continue
+                self.out(f"  {child.name} exited with code {code}; restarting")
+                log.warning("%s exited with code %s; restarting", child.name, code)
+                try:
+                    child.start()
+                except ConfigError as exc:
+                    self.out(f"  {child.name} failed to restart: {exc}")
+
+    def stop(self) -> None:
+        """Stop every child: SIGTERM (warm shutdown), then SIGKILL after the grace period."""
+        self.stopping.set()
+        # Workers first, Redis last, so that workers can acknowledge what they finish.
+        for child in reversed(self.children):
+            if child.name == "redis":
+                continue
+            child.signal(signal.SIGTERM)
+        self._reap([c for c in self.children if c.name != "redis"])
+        for child in self.children:
+            if child.name == "redis":
+                child.signal(signal.SIGTERM)
+        self._reap(self.children)
+
+    def _reap(self, children: list[Child]) -> None:
+        deadline = time.monotonic() + STOP_GRACE
+        for child in children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.signal(signal.SIGKILL)
+                child.proc.wait(10)

@@ -1,0 +1,57 @@
+"""Every Redis key Haulage writes, in one place.
+
+All keys start with the configured prefix (HAULAGE_KEY_PREFIX, default
+"haulage") so several deployments can share one Redis.
+"""
+
+from __future__ import annotations
+
+from haulage.settings import get_settings
+
+
+def _p() -> str:
+    return get_settings().key_prefix
+
+
+def runs_index() -> str:
+    """Sorted set of run ids scored by creation time."""
+    return f"{_p()}:runs"
+
+
+def run(run_id: str) -> str:
+    return f"{_p()}:run:{run_id}"
+
+
+def history(run_id: str) -> str:
+    return f"{_p()}:run:{run_id}:history"
+
+
+def steps(run_id: str) -> str:
+    return f"{_p()}:run:{run_id}:steps"
+
+
+def checkpoints(run_id: str) -> str:
+    return f"{_p()}:run:{run_id}:ckpt"
+
+
+def guards(run_id: str) -> str:
+    return f"{_p()}:run:{run_id}:guards"
+
+
+def changes_channel(run_id: str) -> str:
+    """Pub/sub channel that gets a message whenever the run document changes."""
+    return f"{_p()}:run:{run_id}:changed"
+
+
+def step_lock(run_id: str, step_key: str) -> str:
+    return f"{_p()}:lock:{run_id}:{step_key}"
+
+
+def stage_progress(run_id: str) -> str:
+    """Hash of finished-unit counters per plan stage, for the run's percent."""
+    return f"{_p()}:run:{run_id}:stages"
+
+
+def run_keys(run_id: str) -> list[str]:
+    """Every key that belongs to one run (for deletion)."""
+    return [run(run_id), history(run_id), steps(run_id), checkpoints(run_id), guards(run_id), stage_progress(run_id)]

