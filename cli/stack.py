@@ -97,6 +97,12 @@ class Stack:
             self.out(f"  redis      {self.redis_url} (HAULAGE_REDIS_URL; not started here)")
         os.environ["HAULAGE_REDIS_URL"] = self.redis_url
         os.environ["HAULAGE_MODULES"] = self.modules
+        # Settings read before this point (e.g. for HAULAGE_DEV_DIR) must not keep the old URL.
+        from haulage.redis_client import reset_redis
+        from haulage.settings import reset_settings
+
+        reset_settings()
+        reset_redis()
         for queue in self.queues:
             hostname = f"{queue}-{os.getpid()}@127.0.0.1"
             argv = [sys.executable, "-m", "cli", "worker", "--queues", queue, "--hostname", hostname,

@@ -47,6 +47,11 @@ def step_lock(run_id: str, step_key: str) -> str:
     return f"{_p()}:lock:{run_id}:{step_key}"
 
 
+def lock_alive(token: str) -> str:
+    """Liveness key of a lock holder, kept fresh by its heartbeat (see tasks/lock.py)."""
+    return f"{_p()}:alive:{token}"
+
+
 def stage_progress(run_id: str) -> str:
     """Hash of finished-unit counters per plan stage, for the run's percent."""
     return f"{_p()}:run:{run_id}:stages"

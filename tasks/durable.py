@@ -41,6 +41,7 @@ from progress.models import (
 from progress.store import Store
 from tasks.context import StepContext
 from tasks.flow import Flow, failure_ref, is_failure, ok_ref, skipped_ref, stage_percent
+from tasks.heartbeat import Heartbeat
 from tasks.lock import StepLock
 from tasks.results import Failure, Results
 from tasks.step import Step
@@ -183,12 +184,17 @@ def execute_step(task: Any, step: Step, *args: Any, run_id: str, key: str, param
         mark_processing(store, run_id, flow)
         if store.start_step(run_id, record, RunUpdate(set={"heartbeat": now()})) is not None:
             return ok_ref(key, item)  # finished by another delivery while we waited for the lock
+        if lock.stolen:
+            log.warning("step %s of run %s: took the lock over from a holder that died", key, run_id)
         ctx = StepContext(store, run_id=run_id, step_key=key, step_name=step.name, attempt=attempt, flow=flow)
         try:
-            value = step.func(ctx, *inputs, **params)
+            with Heartbeat(lock, store, run_id):
+                value = step.func(ctx, *inputs, **params)
             reason = check_serializable(value)
             if reason:
-                raise StepResultNotSerializable(f"step {step.name!r} ({key}) returned a value that is not JSON: {reason}")
+                raise StepResultNotSerializable(
+                    f"step {step.name!r} ({key}) returned a value that is not JSON: {reason}"
+                )
         except RunCancelled:
             store.put_step(run_id, StepRecord(key, step.name, StepStatus.CANCELLED, attempt))
             return skipped_ref(key, item, RunStatus.CANCELLED.value)

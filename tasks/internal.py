@@ -76,7 +76,8 @@ def expand_fan_out(task: Any, *args: Any, run_id: str, key: str, spec: dict[str,
             run_id,
             RunUpdate(
                 incr={"steps.total": len(items) * subs},
-                events=[Event(now(), "fan-out", f"fan-out over {len(items)} item(s) of {spec['steps'][0]['step']}", key)],
+                events=[Event(now(), "fan-out", f"fan-out over {len(items)} item(s) of {spec['steps'][0]['step']}",
+                              key)],  # fmt: skip
             ),
         )
     if not items:

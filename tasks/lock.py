@@ -4,6 +4,14 @@ SET NX PX with a random token; released with compare-and-delete, so a lock
 that expired and was taken by another delivery is never released by the first.
 Any Redis error raises LockUnavailable: without the lock we cannot know that no
 one else is running the step, so we do not run it (fail closed).
+
+The lock's TTL is above the step's hard timeout, so it cannot lapse while the
+step legitimately runs. But a holder killed with SIGKILL would then block its
+step for that whole TTL. So the holder also keeps a short-lived liveness key
+fresh from a heartbeat thread; a contender that finds the lock held by a
+holder whose liveness key has expired (the process is gone) takes the lock
+over. The checkpoint's create-if-absent write keeps the result single even in
+the unlikely case that a frozen (not dead) holder wakes up.
 """
 
 from __future__ import annotations
@@ -15,18 +23,26 @@ import redis
 from haulage import keys
 from haulage.errors import LockUnavailable
 
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur and redis.call('EXISTS', ARGV[4] .. cur) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', ARGV[4] .. ARGV[1], '1', 'PX', ARGV[3])
+if cur then return 2 end
+return 1
+"""
+
 _RELEASE = """
 local released = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then released = redis.call('DEL', KEYS[1]) end
+redis.call('DEL', ARGV[3] .. ARGV[1])
 local count = -1
 if ARGV[2] ~= '' then count = redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
 return {released, count}
 """
 
-_EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
+#: milliseconds a holder's liveness key lives without a heartbeat
+LIVENESS_MS = 15_000
 
 
 class StepLock:
@@ -37,20 +53,22 @@ class StepLock:
         self.ttl_ms = int(ttl_seconds * 1000)
         self.token = uuid.uuid4().hex
         self.held = False
+        self.stolen = False  #: True when the lock was taken over from a dead holder
 
     def acquire(self) -> bool:
         try:
-            self.held = bool(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
+            got = int(
+                self.client.eval(_ACQUIRE, 1, self.key, self.token, self.ttl_ms, LIVENESS_MS, keys.lock_alive(""))
+            )
         except redis.RedisError as exc:
             raise LockUnavailable(f"cannot take step lock {self.key}: {exc}") from exc
+        self.held = got > 0
+        self.stolen = got == 2
         return self.held
 
-    def extend(self) -> bool:
-        """Push the expiry out again (long steps call this through their heartbeat)."""
-        try:
-            return bool(self.client.eval(_EXTEND, 1, self.key, self.token, self.ttl_ms))
-        except redis.RedisError as exc:
-            raise LockUnavailable(f"cannot extend step lock {self.key}: {exc}") from exc
+    def keep_alive(self) -> None:
+        """Refresh the liveness key (called by the step's heartbeat thread)."""
+        self.client.set(keys.lock_alive(self.token), "1", px=LIVENESS_MS)
 
     def release(self, count_stage: int | None = None) -> int:
         """Release the lock; when ``count_stage`` is given, also count one finished unit of that stage.
@@ -58,6 +76,8 @@ class StepLock:
         Returns the stage's new finished count (or -1), in the same round trip.
         """
         field = "" if count_stage is None else str(count_stage)
-        released, count = self.client.eval(_RELEASE, 2, self.key, keys.stage_progress(self.run_id), self.token, field)
+        _released, count = self.client.eval(
+            _RELEASE, 2, self.key, keys.stage_progress(self.run_id), self.token, field, keys.lock_alive("")
+        )
         self.held = False
         return int(count)

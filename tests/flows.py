@@ -131,8 +131,8 @@ def t_bad_plan(x: int) -> Any:
 @step(queue="crash", retries=3, backoff=0.1)
 def slow_item(ctx: StepContext, x: int, sleep: float = 0.2) -> int:
     """Runs on the 'crash' queue, which only a test's own workers consume."""
+    count(f"{ctx.run_id}:{ctx.step_key}")  # counted when the body starts: a killed body counts too
     time.sleep(sleep)
-    count(f"{ctx.run_id}:{ctx.step_key}")
     with ctx.once("effect") as first:
         if first:
             _counter().incr(f"test:effect:{ctx.run_id}:{ctx.step_key}")

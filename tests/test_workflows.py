@@ -190,7 +190,7 @@ def test_resume_after_failure_reuses_checkpoints(worker: WorkerProcess, redis_cl
     assert run.resume() == run  # resuming a finished run is a no-op
 
 
-def test_cancel_mid_fan_out(make_worker: Any, redis_client: Any) -> None:
+def test_cancel_mid_fan_out(worker: WorkerProcess, make_worker: Any, redis_client: Any) -> None:
     w = make_worker(queues="crash", concurrency=2)
     w.start()
     run = registry.get("t_slow_fan_out").start(n=30, sleep=0.2)

@@ -1,0 +1,83 @@
+"""`haulage demo` and `haulage dev` from a clean environment: they start, work, restart and stop everything."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, wait_until
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+
+
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAULAGE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env["HAULAGE_DEV_DIR"] = str(tmp_path / "dev")
+    return env
+
+
+def pids_in(text: str) -> list[int]:
+    return [int(p) for p in re.findall(r"pid (\d+)", text)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def test_demo_runs_the_example_end_to_end(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "cli", "demo"], cwd=ROOT, env=clean_env(tmp_path),
+                         capture_output=True, text=True, timeout=200)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "redis://127.0.0.1:" in out.stdout and "worker:long" in out.stdout
+    assert "100.0% COMPLETE" in out.stdout
+    assert '"verdict": "revise and resubmit"' in out.stdout
+    assert "stack stopped" in out.stdout
+    pids = pids_in(out.stdout)
+    assert len(pids) == 4  # redis and three workers
+    wait_until(lambda: not any(alive(p) for p in pids), timeout=10, what="every child to be gone")
+    assert list((tmp_path / "dev" / "redis").rglob("*.aof*")), "redis runs with its append-only file"
+
+
+def test_dev_serves_restarts_and_stops(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    log = tmp_path / "dev.out"
+    with open(log, "w") as out:
+        dev = subprocess.Popen([sys.executable, "-m", "cli", "dev"], cwd=ROOT, env=env, stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        wait_until(lambda: "ready" in log.read_text(), timeout=90, what="haulage dev to be ready")
+        text = log.read_text()
+        url = re.search(r"HAULAGE_REDIS_URL=(\S+) HAULAGE_MODULES=(\S+)", text)
+        assert url is not None
+        # What `haulage dev` prints is all a client needs.
+        client_env = {**env, "HAULAGE_REDIS_URL": url.group(1), "HAULAGE_MODULES": url.group(2)}
+        run = subprocess.run([sys.executable, "-m", "cli", "run", "bulk_invoices", "-p",
+                              'invoices=[{"invoice_id":"A","amount":"10","currency":"EUR","country":"DE"}]',
+                              "--wait", "--timeout", "60"],
+                             cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=90)  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert '"gross_eur": "11.90"' in run.stdout
+        # A worker that dies is restarted.
+        worker_pid = int(re.search(r"worker:short\s+pid (\d+)", text).group(1))  # type: ignore[union-attr]
+        os.kill(worker_pid, signal.SIGKILL)
+        wait_until(lambda: "worker:short exited with code" in log.read_text(), timeout=30, what="restart notice")
+        pids = pids_in(text)
+    finally:
+        dev.send_signal(signal.SIGTERM)
+        dev.wait(60)
+    assert dev.returncode == 0
+    assert "haulage dev: stopped" in log.read_text()
+    wait_until(lambda: not any(alive(p) for p in pids), timeout=10, what="every child to be gone")
