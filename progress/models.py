@@ -46,7 +46,7 @@ class Event:
     step: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Event:
@@ -124,7 +124,7 @@ class StepRecord:
     updated_at: float = field(default_factory=now)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = dict(self.__dict__)  # shallow: asdict's deep copy costs more than the rest of a short step
         data["status"] = self.status.value
         return data
 
@@ -146,7 +146,7 @@ class Checkpoint:
     created_at: float = field(default_factory=now)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Checkpoint:

@@ -1,13 +1,15 @@
-"""A running step's heartbeat: keeps its lock's liveness key and its run's heartbeat fresh.
+"""Heartbeats of running steps: keep their locks' liveness keys and their runs' heartbeats fresh.
 
-One daemon thread per running step, with no user code involved. If the
-process dies, the beats stop: the lock can be taken over and the run looks
-stale to the reaper.
+One daemon thread per worker process beats for every step running in it (a
+thread per step would cost more than a short step itself), with no user code
+involved. If the process dies, the beats stop: the lock can be taken over and
+the run looks stale to the reaper.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from progress.models import RunUpdate, now
@@ -18,33 +20,65 @@ log = logging.getLogger("haulage.heartbeat")
 
 #: seconds between beats; well inside the liveness window
 INTERVAL = LIVENESS_MS / 1000 / 3
-#: beats between writes of the run document's heartbeat field
+#: beats between writes of a run document's heartbeat field
 RUN_EVERY = 4
 
 
+class _Beater:
+    def __init__(self) -> None:
+        self.active: dict[str, tuple[StepLock, Store, str]] = {}
+        self.mutex = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.pid = 0
+
+    def add(self, lock: StepLock, store: Store, run_id: str) -> None:
+        with self.mutex:
+            self.active[lock.token] = (lock, store, run_id)
+            # Started lazily, and again in a forked child (threads do not survive fork).
+            if self.thread is None or self.pid != os.getpid() or not self.thread.is_alive():
+                self.pid = os.getpid()
+                self.thread = threading.Thread(target=self._run, name="haulage-heartbeat", daemon=True)
+                self.thread.start()
+
+    def remove(self, lock: StepLock) -> None:
+        with self.mutex:
+            self.active.pop(lock.token, None)
+
+    def _run(self) -> None:
+        beats = 0
+        stop = threading.Event()
+        while not stop.wait(INTERVAL):
+            beats += 1
+            with self.mutex:
+                entries = list(self.active.values())
+            runs: dict[str, Store] = {}
+            for lock, store, run_id in entries:
+                try:
+                    lock.keep_alive()
+                except Exception as exc:  # a missed beat must not kill the step; the next may succeed
+                    log.warning("heartbeat of %s failed: %s", lock.key, exc)
+                runs[run_id] = store
+            if beats % RUN_EVERY:
+                continue
+            for run_id, store in runs.items():
+                try:
+                    store.update_run(run_id, RunUpdate(set={"heartbeat": now()}))
+                except Exception as exc:
+                    log.warning("run heartbeat of %s failed: %s", run_id, exc)
+
+
+_beater = _Beater()
+
+
 class Heartbeat:
+    """``with Heartbeat(lock, store, run_id):`` beats while the block runs."""
+
     def __init__(self, lock: StepLock, store: Store, run_id: str) -> None:
-        self.lock = lock
-        self.store = store
-        self.run_id = run_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{lock.key}", daemon=True)
+        self.lock, self.store, self.run_id = lock, store, run_id
 
     def __enter__(self) -> Heartbeat:
-        self._thread.start()
+        _beater.add(self.lock, self.store, self.run_id)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _beat(self) -> None:
-        beats = 0
-        while not self._stop.wait(INTERVAL):
-            beats += 1
-            try:
-                self.lock.keep_alive()
-                if beats % RUN_EVERY == 0:
-                    self.store.update_run(self.run_id, RunUpdate(set={"heartbeat": now()}))
-            except Exception as exc:  # a missed beat must not kill the step; the next may succeed
-                log.warning("heartbeat of %s failed: %s", self.lock.key, exc)
+        _beater.remove(self.lock)

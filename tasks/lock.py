@@ -17,6 +17,7 @@ the unlikely case that a frozen (not dead) holder wakes up.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import redis
 
@@ -45,6 +46,19 @@ return {released, count}
 LIVENESS_MS = 15_000
 
 
+_acquire_script: Any = None
+_release_script: Any = None
+
+
+def _scripts(client: redis.Redis) -> tuple[Any, Any]:
+    # EVALSHA with the script cached in Redis, instead of sending the source every call.
+    global _acquire_script, _release_script
+    if _acquire_script is None or _acquire_script.registered_client is not client:
+        _acquire_script = client.register_script(_ACQUIRE)
+        _release_script = client.register_script(_RELEASE)
+    return _acquire_script, _release_script
+
+
 class StepLock:
     def __init__(self, client: redis.Redis, run_id: str, step_key: str, ttl_seconds: float) -> None:
         self.client = client
@@ -57,9 +71,8 @@ class StepLock:
 
     def acquire(self) -> bool:
         try:
-            got = int(
-                self.client.eval(_ACQUIRE, 1, self.key, self.token, self.ttl_ms, LIVENESS_MS, keys.lock_alive(""))
-            )
+            acquire, _ = _scripts(self.client)
+            got = int(acquire(keys=[self.key], args=[self.token, self.ttl_ms, LIVENESS_MS, keys.lock_alive("")]))
         except redis.RedisError as exc:
             raise LockUnavailable(f"cannot take step lock {self.key}: {exc}") from exc
         self.held = got > 0
@@ -76,8 +89,9 @@ class StepLock:
         Returns the stage's new finished count (or -1), in the same round trip.
         """
         field = "" if count_stage is None else str(count_stage)
-        _released, count = self.client.eval(
-            _RELEASE, 2, self.key, keys.stage_progress(self.run_id), self.token, field, keys.lock_alive("")
+        _, release = _scripts(self.client)
+        _released, count = release(
+            keys=[self.key, keys.stage_progress(self.run_id)], args=[self.token, field, keys.lock_alive("")]
         )
         self.held = False
         return int(count)
