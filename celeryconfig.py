@@ -35,7 +35,9 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 broker_connection_retry_on_startup = True
 
-task_queues = tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in ("short", "long", "dispatch"))
+task_queues = tuple(
+    Queue(name, Exchange(name, type="direct"), routing_key=name) for name in ("short", "long", "dispatch")
+)
 task_default_queue = "short"
 task_default_exchange = "short"
 task_default_routing_key = "short"

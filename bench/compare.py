@@ -45,10 +45,11 @@ def main() -> int:
     os.environ["HAULAGE_MODULES"] = "bench.flows"
     redis_proc = start_redis(tmp / "redis", port, appendonly=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    worker_log = open(tmp / "worker.log", "wb")  # noqa: SIM115 - handed to the child, closed at exit
     worker = subprocess.Popen(
         [sys.executable, "-m", "cli", "worker", "--queues", "short", "--concurrency", "2",
          "--hostname", "bench@127.0.0.1", "--loglevel", "WARNING"],
-        cwd=ROOT, env=env, stdout=open(tmp / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT, env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
         from celery import chain, chord, group
@@ -97,6 +98,7 @@ def main() -> int:
         worker.wait(30)
         redis_proc.terminate()
         redis_proc.wait(10)
+        worker_log.close()
     return 0
 
 

@@ -8,6 +8,7 @@ before the Celery app reads its configuration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -169,7 +170,7 @@ def cmd_workflows(args: argparse.Namespace) -> int:
     from cli.display import to_json
     from workflows import registry
 
-    listing = []
+    listing: list[dict[str, Any]] = []
     for wf in registry.all_workflows():
         schema = wf.parameters_schema()
         required = set(schema.get("required", []))
@@ -183,9 +184,9 @@ def cmd_workflows(args: argparse.Namespace) -> int:
     if not listing:
         print("no workflows registered; set HAULAGE_MODULES to your modules")
     for item in listing:
-        params = ", ".join(f"{n}: {p['type']}{'' if p['required'] else ' (optional)'}"
-                           for n, p in item["parameters"].items())  # fmt: skip
-        print(f"{item['name']}({params})  {item['description']}")
+        shown = ", ".join(f"{n}: {p['type']}{'' if p['required'] else ' (optional)'}"
+                          for n, p in item["parameters"].items())  # fmt: skip
+        print(f"{item['name']}({shown})  {item['description']}")
     return 0
 
 
@@ -217,10 +218,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _say(line: str) -> None:
-    try:
+    with contextlib.suppress(BrokenPipeError, ValueError):  # stdout closed by the reader
         print(line, flush=True)
-    except (BrokenPipeError, ValueError):  # stdout closed by the reader
-        pass
 
 
 def _modules_for_dev() -> str:

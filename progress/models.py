@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class RunStatus(str, Enum):
+class RunStatus(StrEnum):
     PENDING = "PENDING"
     PROCESSING = "PROCESSING"
     COMPLETE = "COMPLETE"
@@ -24,7 +24,7 @@ TERMINAL = frozenset({RunStatus.COMPLETE, RunStatus.FAILED, RunStatus.CANCELLED}
 ACTIVE = frozenset({RunStatus.PENDING, RunStatus.PROCESSING})
 
 
-class StepStatus(str, Enum):
+class StepStatus(StrEnum):
     QUEUED = "QUEUED"  #: waiting in a queue, or waiting out a retry backoff
     RUNNING = "RUNNING"
     COMPLETE = "COMPLETE"

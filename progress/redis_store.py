@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -54,13 +54,18 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
 
-_UPDATE = _APPLY + """
+_UPDATE = (
+    _APPLY
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 apply(KEYS[1], KEYS[2], cjson.decode(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4])
 return 1
 """
+)
 
-_TRANSITION = _APPLY + """
+_TRANSITION = (
+    _APPLY
+    + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return 0 end
 local allowed = cjson.decode(ARGV[1])
@@ -72,8 +77,11 @@ u.set['status'] = ARGV[3]
 apply(KEYS[1], KEYS[2], u, tonumber(ARGV[4]), ARGV[5], ARGV[6])
 return 1
 """
+)
 
-_COMPLETE_STEP = _APPLY + """
+_COMPLETE_STEP = (
+    _APPLY
+    + """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   return redis.call('HGET', KEYS[1], ARGV[1])
 end
@@ -83,8 +91,11 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
 end
 return false
 """
+)
 
-_START_STEP = _APPLY + """
+_START_STEP = (
+    _APPLY
+    + """
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
 if existing then return existing end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
@@ -93,6 +104,7 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
 end
 return false
 """
+)
 
 _CLAIM_GUARD = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then return false end
@@ -151,9 +163,7 @@ class RedisStore:
         data = run.to_dict()
         fields = {k: dumps(data[k]) for k in _JSON_FIELDS}
         fields.update({"steps.total": str(run.steps.total), "steps.done": "0", "steps.failed": "0"})
-        created = self._create(
-            keys=[keys.run(run.id), keys.runs_index()], args=[dumps(fields), run.created_at, run.id]
-        )
+        created = self._create(keys=[keys.run(run.id), keys.runs_index()], args=[dumps(fields), run.created_at, run.id])
         if created:
             if run.history:
                 self.update_run(run.id, RunUpdate(events=list(run.history)))
@@ -206,13 +216,13 @@ class RedisStore:
         skipped = 0
         start, chunk = 0, 200
         while len(out) < limit:
-            ids = self.r.zrevrange(keys.runs_index(), start, start + chunk - 1)
+            ids = [i.decode() for i in cast(list[bytes], self.r.zrevrange(keys.runs_index(), start, start + chunk - 1))]
             if not ids:
                 break
             start += chunk
             with self.r.pipeline(transaction=False) as pipe:
                 for rid in ids:
-                    pipe.hmget(keys.run(rid.decode()), ["workflow", "status", "created_by"])
+                    pipe.hmget(keys.run(rid), ["workflow", "status", "created_by"])
                 heads = pipe.execute()
             for rid, (wf, st, by) in zip(ids, heads, strict=True):
                 if wf is None:
@@ -226,7 +236,7 @@ class RedisStore:
                 if skipped < offset:
                     skipped += 1
                     continue
-                run = self.get_run(rid.decode())
+                run = self.get_run(rid)
                 if run is not None:
                     out.append(run)
                 if len(out) >= limit:
@@ -284,8 +294,14 @@ class RedisStore:
     def start_step(self, run_id: str, step: StepRecord, update: RunUpdate) -> Checkpoint | None:
         existing = self._start(
             keys=[keys.checkpoints(run_id), keys.steps(run_id), keys.run(run_id), keys.history(run_id)],
-            args=[step.key, dumps(step.to_dict()), _encode_update(update), self._limit, dumps(now()),
-                  keys.changes_channel(run_id)],  # fmt: skip
+            args=[
+                step.key,
+                dumps(step.to_dict()),
+                _encode_update(update),
+                self._limit,
+                dumps(now()),
+                keys.changes_channel(run_id),
+            ],  # fmt: skip
         )
         return Checkpoint.from_dict(json.loads(existing)) if existing else None
 
@@ -305,16 +321,12 @@ class RedisStore:
         if not step_keys:
             return {}
         values = self.r.hmget(keys.checkpoints(run_id), list(step_keys))
-        return {
-            k: Checkpoint.from_dict(json.loads(v)) for k, v in zip(step_keys, values, strict=True) if v is not None
-        }
+        return {k: Checkpoint.from_dict(json.loads(v)) for k, v in zip(step_keys, values, strict=True) if v is not None}
 
     def put_checkpoint(self, run_id: str, checkpoint: Checkpoint) -> bool:
         return bool(self.r.hsetnx(keys.checkpoints(run_id), checkpoint.step_key, dumps(checkpoint.to_dict())))
 
-    def complete_step(
-        self, run_id: str, checkpoint: Checkpoint, step: StepRecord, update: RunUpdate
-    ) -> Checkpoint:
+    def complete_step(self, run_id: str, checkpoint: Checkpoint, step: StepRecord, update: RunUpdate) -> Checkpoint:
         existing = self._complete(
             keys=[keys.checkpoints(run_id), keys.steps(run_id), keys.run(run_id), keys.history(run_id)],
             args=[
@@ -338,4 +350,5 @@ class RedisStore:
         self._finish(keys=[keys.guards(run_id)], args=[key, f"pending:{token}", "1" if done else "0"])
 
     def get_guards(self, run_id: str) -> dict[str, Any]:
-        return {k.decode(): v.decode() for k, v in self.r.hgetall(keys.guards(run_id)).items()}
+        raw = cast(dict[bytes, bytes], self.r.hgetall(keys.guards(run_id)))
+        return {k.decode(): v.decode() for k, v in raw.items()}

@@ -68,9 +68,7 @@ class Store(Protocol):
     def put_checkpoint(self, run_id: str, checkpoint: Checkpoint) -> bool:
         """Create-if-absent: True if written, False if one already existed (the first one wins)."""
 
-    def complete_step(
-        self, run_id: str, checkpoint: Checkpoint, step: StepRecord, update: RunUpdate
-    ) -> Checkpoint:
+    def complete_step(self, run_id: str, checkpoint: Checkpoint, step: StepRecord, update: RunUpdate) -> Checkpoint:
         """Record a step's success: create the checkpoint if absent, write the step, apply ``update``.
 
         Returns the checkpoint that stands (an earlier one if it existed, in

@@ -65,8 +65,11 @@ class StepContext:
             raise ValueError("add_cost: model must be a non-empty name")
         self._store.update_run(
             self.run_id,
-            RunUpdate(incr=cost_increments(model, usd=usd, input_tokens=input_tokens,
-                                           output_tokens=output_tokens, calls=calls)),  # fmt: skip
+            RunUpdate(
+                incr=cost_increments(
+                    model, usd=usd, input_tokens=input_tokens, output_tokens=output_tokens, calls=calls
+                )
+            ),  # fmt: skip
         )
 
     def event(self, message: str, kind: str = "step") -> None:

@@ -29,9 +29,7 @@ def ok_ref(key: str, item: int | None) -> dict[str, Any]:
     return {"k": key, "ok": 1, "i": item}
 
 
-def failure_ref(
-    key: str, item: int | None, params: dict[str, Any], error_type: str, message: str
-) -> dict[str, Any]:
+def failure_ref(key: str, item: int | None, params: dict[str, Any], error_type: str, message: str) -> dict[str, Any]:
     return {"k": key, "ok": 0, "i": item, "params": params, "error_type": error_type, "message": message}
 
 

@@ -30,7 +30,9 @@ os.environ.setdefault("HAULAGE_VISIBILITY_TIMEOUT", "60")
 os.environ.pop("HAULAGE_STORE", None)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.05, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -72,8 +72,12 @@ def test_update_counters_cost_percent_and_history(store: Store) -> None:
     store.update_run(run.id, RunUpdate(set={"message": "half", "heartbeat": 123.5}, incr={"steps.done": 2},
                                        maximum={"percent": 50.0}))  # fmt: skip
     store.update_run(run.id, RunUpdate(incr={"steps.done": 1, "steps.failed": 1}, maximum={"percent": 40.0}))
-    store.update_run(run.id, RunUpdate(incr=cost_increments("gpt-4.1", usd=0.5, input_tokens=10, output_tokens=3, calls=1)))
-    store.update_run(run.id, RunUpdate(incr=cost_increments("gpt-4.1", usd=0.25, input_tokens=5, output_tokens=1, calls=1)))
+    store.update_run(
+        run.id, RunUpdate(incr=cost_increments("gpt-4.1", usd=0.5, input_tokens=10, output_tokens=3, calls=1))
+    )
+    store.update_run(
+        run.id, RunUpdate(incr=cost_increments("gpt-4.1", usd=0.25, input_tokens=5, output_tokens=1, calls=1))
+    )
     got = store.get_run(run.id)
     assert got is not None
     assert got.message == "half" and got.heartbeat == 123.5
@@ -108,10 +112,12 @@ def test_transition_is_conditional(store: Store) -> None:
     store.create_run(run)
     assert store.transition(run.id, RunStatus.PROCESSING, allowed_from={RunStatus.PENDING})
     assert not store.transition(run.id, RunStatus.PROCESSING, allowed_from={RunStatus.PENDING})
-    assert store.transition(run.id, RunStatus.CANCELLED, allowed_from=ACTIVE,
-                            update=RunUpdate(set={"message": "stop"}, events=[Event(now(), "cancelled", "x")]))  # fmt: skip
+    stop = RunUpdate(set={"message": "stop"}, events=[Event(now(), "cancelled", "x")])
+    assert store.transition(run.id, RunStatus.CANCELLED, allowed_from=ACTIVE, update=stop)
     # A terminal run stays as it ended.
-    assert not store.transition(run.id, RunStatus.COMPLETE, allowed_from=ACTIVE, update=RunUpdate(set={"message": "no"}))
+    assert not store.transition(
+        run.id, RunStatus.COMPLETE, allowed_from=ACTIVE, update=RunUpdate(set={"message": "no"})
+    )
     got = store.get_run(run.id)
     assert got is not None
     assert got.status is RunStatus.CANCELLED and got.message == "stop"

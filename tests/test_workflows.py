@@ -90,7 +90,9 @@ def test_on_failure_fail_ends_failed_with_failures(worker: WorkerProcess, redis_
     assert "1 of 4 fan-out items failed" in (record.error or "")
     with pytest.raises(RunFailed) as info:
         run.results()
-    assert [(f.params, f.error_type, f.message) for f in info.value.failures] == [({"x": 1}, "ValueError", "bad item 1")]
+    assert [(f.params, f.error_type, f.message) for f in info.value.failures] == [
+        ({"x": 1}, "ValueError", "bad item 1")
+    ]
     # The other items all ran; the stage after the fan-out did not.
     c = counts(redis_client, run.id)
     assert {k for k in c if k.startswith("1:square")} == {f"1:square[{i}]" for i in range(4)}
@@ -204,9 +206,7 @@ def test_cancel_mid_fan_out(worker: WorkerProcess, make_worker: Any, redis_clien
 
     def settled() -> bool:
         before = len(counts(redis_client, run.id))
-        return before == len(counts(redis_client, run.id)) and all(
-            s.status.value != "RUNNING" for s in run.steps()
-        )
+        return before == len(counts(redis_client, run.id)) and all(s.status.value != "RUNNING" for s in run.steps())
 
     wait_until(settled, timeout=30, what="running items to finish")
     assert len(counts(redis_client, run.id)) <= ran_at_cancel + 2  # at most the two in flight

@@ -29,7 +29,9 @@ def params_model(name: str, func: Callable[..., Any]) -> type[BaseModel]:
     return create_model(f"{name}_params", __config__=config, **fields)
 
 
-def validate_params(workflow: str, model: type[BaseModel], params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def validate_params(
+    workflow: str, model: type[BaseModel], params: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Validated values for calling the workflow function, and their JSON form for the run document."""
     try:
         parsed = model.model_validate(params)

@@ -24,8 +24,7 @@ def register(wf: Workflow) -> None:
     existing = _workflows.get(wf.name)
     if existing is not None and existing.func.__qualname__ != wf.func.__qualname__:
         raise ConfigError(
-            f"workflow {wf.name!r} is already registered by "
-            f"{existing.func.__module__}.{existing.func.__qualname__}"
+            f"workflow {wf.name!r} is already registered by {existing.func.__module__}.{existing.func.__qualname__}"
         )
     _workflows[wf.name] = wf
 

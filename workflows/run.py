@@ -66,7 +66,7 @@ class Run:
         if record.status is RunStatus.COMPLETE:
             cp = get_store().get_checkpoints(self.id, [RESULT_KEY]).get(RESULT_KEY)
             value = cp.value if cp else None
-            return Results.from_dict(value) if Results.is_results(value) else value
+            return Results.from_dict(value) if isinstance(value, dict) and Results.is_results(value) else value
         if record.status is RunStatus.FAILED:
             failures = record.result.get("failures", []) if isinstance(record.result, dict) else []
             raise RunFailed(self.id, record.error, [Failure.from_dict(f) for f in failures])
