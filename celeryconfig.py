@@ -57,7 +57,14 @@ worker_send_task_events = True
 task_send_sent_event = True
 task_track_started = True
 
-imports = ("tasks.internal", *_s.modules)
+imports = ("tasks.internal", "workflows.schedules", "workflows.recovery", *_s.modules)
+
+# Beat keeps its schedule in Redis, behind a lock: two beat processes never fire the same entry.
+beat_scheduler = "redbeat.RedBeatScheduler"
+redbeat_redis_url = _s.redis_url
+redbeat_key_prefix = f"{_s.key_prefix}:redbeat"
+redbeat_lock_timeout = 30  # seconds a dead beat's lock blocks a standby one
+beat_max_loop_interval = 5
 
 _PREFIX = "HAULAGE_CELERY_"
 for _name, _raw in os.environ.items():

@@ -217,6 +217,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_beat(args: argparse.Namespace) -> int:
+    _load()
+    from tasks.app import app
+    from workflows.schedules import beat_schedule
+
+    app.conf.beat_schedule = beat_schedule()
+    app.start(["beat", f"--loglevel={args.loglevel}"])
+    return 0
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from tasks.app import app
+
+    argv = ["flower", f"--address={args.address}", f"--port={args.port}"]
+    auth = os.environ.get("HAULAGE_FLOWER_BASIC_AUTH", "")
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+    app.start(argv)
+    return 0
+
+
 def _say(line: str) -> None:
     with contextlib.suppress(BrokenPipeError, ValueError):  # stdout closed by the reader
         print(line, flush=True)
@@ -246,6 +267,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     try:
         stack.start()
         print(f"haulage dev: ready. HAULAGE_REDIS_URL={stack.redis_url} HAULAGE_MODULES={stack.modules}")
+        print(f"haulage dev: Flower at {stack.flower_url}")
         print("haulage dev: Ctrl-C stops everything")
         watcher = threading.Thread(target=stack.supervise, daemon=True)
         watcher.start()
@@ -303,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=["prefork", "threads", "solo"])
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("beat", help="run Celery beat (Redis-locked) for scheduled workflows and maintenance jobs")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_beat)
+
+    p = sub.add_parser("flower", help="run Flower, the Celery monitor (basic auth from HAULAGE_FLOWER_BASIC_AUTH)")
+    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5555)
+    p.set_defaults(func=cmd_flower)
 
     p = sub.add_parser("run", help="start a workflow by name")
     p.add_argument("name")

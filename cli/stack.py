@@ -60,6 +60,17 @@ class Child:
                 os.killpg(self.proc.pid, sig)
 
 
+def _port_or_free(preferred: int) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            return free_port()
+    return preferred
+
+
 class Stack:
     """Start, supervise and stop the processes of the dev stack."""
 
@@ -72,6 +83,7 @@ class Stack:
         self.children: list[Child] = []
         self.stopping = threading.Event()
         self.redis_url = os.environ.get("HAULAGE_REDIS_URL", "")
+        self.flower_url = ""
 
     def env(self) -> dict[str, str]:
         # Children import the user's modules from the current directory, as the CLI does.
@@ -110,6 +122,15 @@ class Stack:
                           where=f"queue {queue!r}, node {hostname}")  # fmt: skip
             self._launch(child)
         self._wait_workers()
+        self._launch(Child("beat", [sys.executable, "-m", "cli", "beat"], logs / "beat.log", self.env(),
+                           where="RedBeat scheduler (Redis lock)"))  # fmt: skip
+        flower_port = int(os.environ.get("HAULAGE_DEV_FLOWER_PORT") or _port_or_free(5555))
+        flower_env = {**self.env(), "FLOWER_UNAUTHENTICATED_API": "true"}  # loopback only, dev only
+        self.flower_url = f"http://127.0.0.1:{flower_port}"
+        flower = Child("flower", [sys.executable, "-m", "cli", "flower", "--port", str(flower_port)],
+                       logs / "flower.log", flower_env, where=self.flower_url)  # fmt: skip
+        flower.ready = lambda: self._wait_port(flower, flower_port)
+        self._launch(flower)
 
     def _launch(self, child: Child) -> None:
         child.start()

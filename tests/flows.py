@@ -149,3 +149,9 @@ def slow_once(ctx: StepContext, value: int, sleep: float = 1.0) -> int:
     count(f"{ctx.run_id}:{ctx.step_key}")
     time.sleep(sleep)
     return value
+
+
+@workflow("t_tick", schedule=2.0, schedule_params={"x": 1})
+def t_tick(x: int) -> Any:
+    """Scheduled every 2 s; only a running beat starts it."""
+    return chain(add.s(x=x))

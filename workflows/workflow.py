@@ -7,6 +7,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from celery.schedules import crontab
+from celery.schedules import schedule as celery_schedule
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
@@ -27,10 +29,13 @@ _IDEMPOTENCY_NS = uuid.UUID("6f1f3c0e-54b7-4d8e-9a43-1f0d3c2b9a10")
 class Workflow:
     """A registered workflow; ``start(**params)`` begins a run and returns at once."""
 
-    def __init__(self, func: Callable[..., Any], *, name: str, on_failure: str) -> None:
+    def __init__(self, func: Callable[..., Any], *, name: str, on_failure: str, schedule: Any = None,
+                 schedule_params: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.func = func
         self.name = name
         self.on_failure = on_failure
+        self.schedule = schedule
+        self.schedule_params = schedule_params
         self.params_model = params_model(name, func)
         self.__doc__ = func.__doc__
         self.__wrapped__ = func
@@ -113,7 +118,8 @@ def _check_meta(workflow: str, created_by: Any, idempotency_key: Any, tags: Any)
         raise InvalidParams(workflow, errors)
 
 
-def workflow(name: str | None = None, *, on_failure: str = "collect") -> Callable[[Callable[..., Any]], Workflow]:
+def workflow(name: str | None = None, *, on_failure: str = "collect", schedule: Any = None,
+             schedule_params: dict[str, Any] | None = None) -> Callable[[Callable[..., Any]], Workflow]:  # fmt: skip
     """Declare a workflow: a function of validated parameters that returns its plan.
 
     >>> @workflow("review_plan")
@@ -124,12 +130,21 @@ def workflow(name: str | None = None, *, on_failure: str = "collect") -> Callabl
 
     ``on_failure``: "collect" (default) ends a run whose fan-out items failed
     COMPLETE with the failures listed; "fail" ends it FAILED.
+    ``schedule``: a ``celery.schedules.crontab(...)`` or a number of seconds;
+    beat then starts a run with ``schedule_params`` on every tick.
     """
     if on_failure not in ON_FAILURE:
         raise ConfigError(f"workflow {name!r}: on_failure must be one of {', '.join(ON_FAILURE)}, got {on_failure!r}")
+    if schedule is not None and not isinstance(schedule, crontab | celery_schedule | int | float):
+        raise ConfigError(f"workflow {name!r}: schedule must be a crontab(...) or seconds, got {schedule!r}")
+    if isinstance(schedule, int | float) and schedule <= 0:
+        raise ConfigError(f"workflow {name!r}: schedule must be more than 0 seconds, got {schedule}")
 
     def decorate(func: Callable[..., Any]) -> Workflow:
-        wf = Workflow(func, name=name or func.__name__, on_failure=on_failure)
+        wf = Workflow(func, name=name or func.__name__, on_failure=on_failure, schedule=schedule,
+                      schedule_params=schedule_params)  # fmt: skip
+        if schedule is not None:
+            wf.validate(schedule_params or {})  # a schedule that can never start fails at import
         registry.register(wf)
         return wf
 

@@ -1,0 +1,111 @@
+"""Operations: Flower sees the steps, beat fires each tick once even when doubled."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from haulage.redis_server import free_port
+from tests.conftest import ROOT, WorkerProcess, wait_until
+from workflows import RunStatus, list_runs, registry
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+
+def spawn(args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback only
+        return resp.read().decode()
+
+
+def test_flower_lists_steps_with_run_ids(worker: WorkerProcess, tmp_path: Path) -> None:
+    port = free_port()
+    flower = spawn(["flower", "--port", str(port)], tmp_path / "flower.log", FLOWER_UNAUTHENTICATED_API="true")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ok(f"{base}/healthcheck"), timeout=30, what="flower to answer")
+        # Flower keeps only the events it sees: give its event consumer a moment to attach.
+        wait_until(lambda: _ok(f"{base}/api/workers"), timeout=30, what="flower's API")
+        run = registry.get("t_chain").start(x=2)
+        assert run.wait(timeout=30).status is RunStatus.COMPLETE
+
+        def steps_seen() -> list[dict[str, Any]]:
+            tasks = json.loads(get(f"{base}/api/tasks"))
+            return [t for t in tasks.values() if run.id in str(t.get("kwargs"))]
+
+        seen = wait_until(lambda: len(steps_seen()) >= 3 and steps_seen(), timeout=30, what="steps in /api/tasks")
+        names = sorted(t["name"] for t in seen if t["name"] != "haulage.finish")
+        assert names == ["t_chain.add", "t_chain.double", "t_chain.double"]
+        assert all(t["state"] == "SUCCESS" for t in seen)
+        assert all("'key':" in str(t["kwargs"]) for t in seen)  # the step key is visible too
+        metrics = get(f"{base}/metrics")
+        succeeded = re.findall(r'flower_events_total\{[^}]*task="t_chain\.double"[^}]*type="task-succeeded"[^}]*\} (\S+)',
+                               metrics)  # fmt: skip
+        assert succeeded and float(succeeded[0]) >= 2
+    finally:
+        stop(flower)
+
+
+def _ok(url: str) -> bool:
+    try:
+        get(url)
+    except OSError:
+        return False
+    return True
+
+
+def test_two_beats_start_one_run_per_tick(worker: WorkerProcess, tmp_path: Path) -> None:
+    before = {r.id for r in list_runs(workflow="t_tick", limit=1000)}
+    # Two beats sharing the lock (one stands by) and one with a lock of its own: a doubled beat.
+    beats = [
+        spawn(["beat"], tmp_path / "beat1.log"),
+        spawn(["beat"], tmp_path / "beat2.log"),
+        spawn(["beat"], tmp_path / "beat3.log", HAULAGE_CELERY_REDBEAT_LOCK_KEY="haulage:redbeat:other-lock"),
+    ]
+    try:
+        wait_until(lambda: len(_new_runs(before)) >= 4, timeout=60, interval=0.2, what="four scheduled ticks")
+    finally:
+        for b in beats:
+            stop(b)
+    runs = _new_runs(before)
+    ticks = Counter(r.idempotency_key for r in runs)
+    assert all(n == 1 for n in ticks.values())  # one run per tick
+    numbers = sorted(int(k.rsplit(":", 1)[1]) for k in ticks)  # type: ignore[union-attr]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # consecutive: none doubled, none lost
+    fired = len(re.findall(r"Scheduler: Sending due task workflow:t_tick",
+                           "".join(p.read_text() for p in tmp_path.glob("beat*.log"))))  # fmt: skip
+    assert fired >= len(runs)
+    for run in runs:
+        assert run.tags == ["scheduled", "workflow:t_tick"] and run.created_by == "haulage-beat"
+    wait_until(lambda: all(r.terminal for r in _new_runs(before)), timeout=30, what="scheduled runs to finish")
+    print(f"\nbeat: 3 beat processes, {fired} firings, {len(runs)} runs, ticks {numbers}")
+
+
+def _new_runs(before: set[str]) -> list[Any]:
+    return [r for r in list_runs(workflow="t_tick", limit=1000) if r.id not in before]
