@@ -43,6 +43,11 @@ def changes_channel(run_id: str) -> str:
     return f"{_p()}:run:{run_id}:changed"
 
 
+def completions_channel() -> str:
+    """Pub/sub channel of completion events (one JSON message per ended run)."""
+    return f"{_p()}:run-completed"
+
+
 def step_lock(run_id: str, step_key: str) -> str:
     return f"{_p()}:lock:{run_id}:{step_key}"
 

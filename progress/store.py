@@ -1,7 +1,7 @@
 """The Store protocol: where run documents, step records, checkpoints and guards live.
 
 Two backends implement it (Redis for the embedded default, Firestore for
-production); the contract suite in tests/contract_store.py runs unchanged
+production); the contract suite in tests/test_store_contract.py runs unchanged
 against each.
 """
 

@@ -19,6 +19,7 @@ from haulage.errors import ConfigError, HaulageError
 from progress import get_store
 from progress.models import ACTIVE, Event, RunStatus, RunUpdate, StepStatus, now
 from tasks.app import app
+from tasks.ending import end_run
 from workflows.run import resume_run
 from workflows.schedules import MAINTENANCE
 
@@ -77,9 +78,9 @@ def reap(*, stale_seconds: float | None = None, limit_recoveries: int | None = N
             idle = now() - last_sign
             if run.recoveries >= limit:
                 reason = f"stale for {idle:.0f}s after {run.recoveries} recoveries; giving up"
-                if store.transition(run.id, RunStatus.FAILED, allowed_from=ACTIVE,
-                                    update=RunUpdate(set={"error": reason, "message": reason, "finished_at": now()},
-                                                     events=[Event(now(), "reaped", reason)])):  # fmt: skip
+                if end_run(store, run.id, RunStatus.FAILED,
+                           RunUpdate(set={"error": reason, "message": reason, "finished_at": now()},
+                                     events=[Event(now(), "reaped", reason)])):  # fmt: skip
                     report.failed.append(run.id)
                     log.error("run %s %s", run.id, reason)
                 continue

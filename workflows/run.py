@@ -8,7 +8,8 @@ from typing import Any
 
 from haulage.errors import RunCancelled, RunFailed, RunNotFinished, RunNotFound, WaitTimeout
 from progress import get_store
-from progress.models import ACTIVE, Event, RunRecord, RunStatus, RunUpdate, StepRecord, StepStatus, now
+from progress.models import Event, RunRecord, RunStatus, RunUpdate, StepRecord, StepStatus, now
+from tasks.ending import end_run
 from tasks.internal import RESULT_KEY
 from tasks.results import Failure, Results
 
@@ -106,11 +107,11 @@ def cancel_run(run_id: str) -> bool:
     store = get_store()
     if store.get_run(run_id) is None:
         raise RunNotFound(f"no run with id {run_id!r}")
-    cancelled = store.transition(
+    cancelled = end_run(
+        store,
         run_id,
         RunStatus.CANCELLED,
-        allowed_from=ACTIVE,
-        update=RunUpdate(
+        RunUpdate(
             set={"message": "cancelled", "finished_at": now()},
             events=[Event(now(), "cancelled", "run cancelled")],
         ),

@@ -22,6 +22,8 @@ from workflows.plan import Chain, as_plan, compile_plan
 from workflows.run import Run
 
 ON_FAILURE = ("collect", "fail")
+#: maps (completion event, results) of a finished run to its follow-up's parameters
+FollowUpParams = Callable[[dict[str, Any], Any], dict[str, Any]]
 # Run ids for idempotency keys are derived, so the same key always names the same run.
 _IDEMPOTENCY_NS = uuid.UUID("6f1f3c0e-54b7-4d8e-9a43-1f0d3c2b9a10")
 
@@ -30,12 +32,15 @@ class Workflow:
     """A registered workflow; ``start(**params)`` begins a run and returns at once."""
 
     def __init__(self, func: Callable[..., Any], *, name: str, on_failure: str, schedule: Any = None,
-                 schedule_params: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 schedule_params: dict[str, Any] | None = None, on_complete: str | None = None,
+                 on_complete_params: FollowUpParams | None = None) -> None:  # fmt: skip
         self.func = func
         self.name = name
         self.on_failure = on_failure
         self.schedule = schedule
         self.schedule_params = schedule_params
+        self.on_complete = on_complete
+        self.on_complete_params = on_complete_params
         self.params_model = params_model(name, func)
         self.__doc__ = func.__doc__
         self.__wrapped__ = func
@@ -119,7 +124,9 @@ def _check_meta(workflow: str, created_by: Any, idempotency_key: Any, tags: Any)
 
 
 def workflow(name: str | None = None, *, on_failure: str = "collect", schedule: Any = None,
-             schedule_params: dict[str, Any] | None = None) -> Callable[[Callable[..., Any]], Workflow]:  # fmt: skip
+             schedule_params: dict[str, Any] | None = None, on_complete: str | None = None,
+             on_complete_params: FollowUpParams | None = None,
+             ) -> Callable[[Callable[..., Any]], Workflow]:  # fmt: skip
     """Declare a workflow: a function of validated parameters that returns its plan.
 
     >>> @workflow("review_plan")
@@ -132,6 +139,8 @@ def workflow(name: str | None = None, *, on_failure: str = "collect", schedule: 
     COMPLETE with the failures listed; "fail" ends it FAILED.
     ``schedule``: a ``celery.schedules.crontab(...)`` or a number of seconds;
     beat then starts a run with ``schedule_params`` on every tick.
+    ``on_complete``: the name of a workflow to start when a run ends COMPLETE,
+    with the parameters ``on_complete_params(event, results)`` returns.
     """
     if on_failure not in ON_FAILURE:
         raise ConfigError(f"workflow {name!r}: on_failure must be one of {', '.join(ON_FAILURE)}, got {on_failure!r}")
@@ -142,7 +151,8 @@ def workflow(name: str | None = None, *, on_failure: str = "collect", schedule: 
 
     def decorate(func: Callable[..., Any]) -> Workflow:
         wf = Workflow(func, name=name or func.__name__, on_failure=on_failure, schedule=schedule,
-                      schedule_params=schedule_params)  # fmt: skip
+                      schedule_params=schedule_params, on_complete=on_complete,
+                      on_complete_params=on_complete_params)  # fmt: skip
         if schedule is not None:
             wf.validate(schedule_params or {})  # a schedule that can never start fails at import
         registry.register(wf)
