@@ -45,28 +45,20 @@ def _load() -> None:
 
 
 def _follow(run_id: str, timeout: float | None, *, quiet: bool = False) -> Any:
-    """Show a live progress line until the run ends; return its final record."""
+    """Show a live progress line until the run ends (driven by the store's change feed); return its final record."""
     from cli.display import ProgressPrinter
     from workflows import get_run
 
-    run = get_run(run_id)
     printer = None if quiet else ProgressPrinter()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        record = run.status()
+    record = None
+    try:
+        for record in get_run(run_id).watch(timeout=timeout):
+            if printer:
+                printer.show(record)
+    finally:
         if printer:
-            printer.show(record)
-        if record.terminal:
-            if printer:
-                printer.done()
-            return record
-        if deadline is not None and time.monotonic() > deadline:
-            if printer:
-                printer.done()
-            from haulage.errors import WaitTimeout
-
-            raise WaitTimeout(f"run {run_id} still {record.status.value} after {timeout}s")
-        time.sleep(0.2)
+            printer.done()
+    return record
 
 
 def _print_outcome(record: Any, as_json: bool) -> int:
@@ -251,7 +243,8 @@ def _stack(args: argparse.Namespace) -> Any:
     from cli.stack import Stack
     from haulage.settings import get_settings
 
-    return Stack(Path(args.dev_dir) if args.dev_dir else get_settings().dev_dir, modules=_modules_for_dev())
+    return Stack(Path(args.dev_dir) if args.dev_dir else get_settings().dev_dir, modules=_modules_for_dev(),
+                 store=args.store)  # fmt: skip
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -310,12 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dev", help="run Redis and a worker per queue in the foreground")
     p.add_argument("--dev-dir", help="where Redis data and logs go (default HAULAGE_DEV_DIR or .haulage)")
+    p.add_argument("--store", choices=["auto", "redis", "firestore"], default="auto",
+                   help="auto: the Firestore emulator when installed, else Redis")  # fmt: skip
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("demo", help="start the dev stack, run an example workflow with live progress, stop")
     p.add_argument("--workflow", choices=["plan_review", "bulk_invoices"], default="plan_review")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--dev-dir")
+    p.add_argument("--store", choices=["auto", "redis", "firestore"], default="auto")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("worker", help="run a Celery worker for the configured modules")

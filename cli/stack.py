@@ -75,7 +75,7 @@ class Stack:
     """Start, supervise and stop the processes of the dev stack."""
 
     def __init__(self, dev_dir: Path, *, modules: str, queues: tuple[str, ...] = ("short", "long", "dispatch"),
-                 out: Callable[[str], None] = print) -> None:  # fmt: skip
+                 out: Callable[[str], None] = print, store: str = "auto") -> None:  # fmt: skip
         self.dev_dir = dev_dir
         self.modules = modules
         self.queues = queues
@@ -84,6 +84,8 @@ class Stack:
         self.stopping = threading.Event()
         self.redis_url = os.environ.get("HAULAGE_REDIS_URL", "")
         self.flower_url = ""
+        self.store = store
+        self._stop_emulator: Callable[[], None] | None = None
 
     def env(self) -> dict[str, str]:
         # Children import the user's modules from the current directory, as the CLI does.
@@ -108,6 +110,7 @@ class Stack:
             self.out(f"  redis      {self.redis_url} (HAULAGE_REDIS_URL; not started here)")
         os.environ["HAULAGE_REDIS_URL"] = self.redis_url
         os.environ["HAULAGE_MODULES"] = self.modules
+        self._start_store(logs)
         # Settings read before this point (e.g. for HAULAGE_DEV_DIR) must not keep the old URL.
         from haulage.redis_client import reset_redis
         from haulage.settings import reset_settings
@@ -131,6 +134,29 @@ class Stack:
                        logs / "flower.log", flower_env, where=self.flower_url)  # fmt: skip
         flower.ready = lambda: self._wait_port(flower, flower_port)
         self._launch(flower)
+
+    def _start_store(self, logs: Path) -> None:
+        """The Firestore emulator when installed (or asked for), else the Redis store; say which."""
+        from progress.emulator import DEFAULT_PROJECT, EmulatorMissing, start_emulator
+
+        if self.store in ("auto", "firestore"):
+            try:
+                port = int(os.environ.get("HAULAGE_DEV_FIRESTORE_PORT") or 0) or None
+                host, self._stop_emulator = start_emulator(DEFAULT_PROJECT, log_path=logs / "firestore.log", port=port)
+            except EmulatorMissing as exc:
+                if self.store == "firestore":
+                    raise ConfigError(f"--store firestore: {exc}") from None
+                self.out(f"  store          redis (no Firestore emulator: {exc})")
+            else:
+                os.environ.update({"HAULAGE_STORE": "firestore", "FIRESTORE_EMULATOR_HOST": host,
+                                   "HAULAGE_FIRESTORE_PROJECT": os.environ.get("HAULAGE_FIRESTORE_PROJECT",
+                                                                               DEFAULT_PROJECT)})  # fmt: skip
+                self.out(f"  store          firestore, emulator at {host} (project "
+                         f"{os.environ['HAULAGE_FIRESTORE_PROJECT']})  log {logs / 'firestore.log'}")  # fmt: skip
+                return
+        else:
+            self.out("  store          redis")
+        os.environ["HAULAGE_STORE"] = "redis"
 
     def _launch(self, child: Child) -> None:
         child.start()
@@ -194,6 +220,8 @@ class Stack:
             if child.name == "redis":
                 child.signal(signal.SIGTERM)
         self._reap(self.children)
+        if self._stop_emulator is not None:
+            self._stop_emulator()
 
     def _reap(self, children: list[Child]) -> None:
         deadline = time.monotonic() + STOP_GRACE

@@ -62,6 +62,19 @@ def stage_progress(run_id: str) -> str:
     return f"{_p()}:run:{run_id}:stages"
 
 
+def ledger(run_id: str, step_key: str, name: str) -> str:
+    """Set of item ids a step has processed (ctx.ledger)."""
+    return f"{_p()}:run:{run_id}:ledger:{step_key}:{name}"
+
+
+def engine_keys(run_id: str) -> list[str]:
+    """Keys the engine keeps in Redis for a run whatever the store (counters, ledgers)."""
+    from haulage.redis_client import get_redis
+
+    ledgers = [k.decode() for k in get_redis().scan_iter(f"{_p()}:run:{run_id}:ledger:*")]
+    return [stage_progress(run_id), *ledgers]
+
+
 def run_keys(run_id: str) -> list[str]:
     """Every key that belongs to one run (for deletion)."""
     return [run(run_id), history(run_id), steps(run_id), checkpoints(run_id), guards(run_id), stage_progress(run_id)]

@@ -363,6 +363,22 @@ class _RunState:
 
 
 # --- the store ------------------------------------------------------------------------------------
+class _SnapshotFeed:
+    """A snapshot listener on the run document; its callback runs on the client's thread."""
+
+    def __init__(self, ref: Any) -> None:
+        self.changed = threading.Event()
+        self.watch = ref.on_snapshot(lambda *_: self.changed.set())
+
+    def wait(self, timeout: float) -> bool:
+        fired = self.changed.wait(timeout)
+        self.changed.clear()
+        return fired
+
+    def close(self) -> None:
+        self.watch.unsubscribe()
+
+
 class FirestoreStore:
     """Store backend on Firestore; see :class:`progress.store.Store` for the contract.
 
@@ -485,6 +501,9 @@ class FirestoreStore:
         self._count(run.id)
         self._state(run.id).due = time.monotonic() + self.interval
         return None
+
+    def watch_changes(self, run_id: str) -> _SnapshotFeed:
+        return _SnapshotFeed(self._run_ref(run_id))
 
     def get_run(self, run_id: str) -> RunRecord | None:
         self._check_fork()

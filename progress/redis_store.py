@@ -10,6 +10,7 @@ are Lua scripts, so each costs one round trip.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Collection, Sequence
 from typing import Any, cast
 
@@ -139,6 +140,27 @@ def _encode_update(update: RunUpdate) -> str:
             "events": [dumps(e.to_dict()) for e in update.events] or {},
         }
     )
+
+
+class _PubSubFeed:
+    """Every write script PUBLISHes on the run's channel; this listens to it."""
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(channel)
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        changed = False
+        while True:
+            left = deadline - time.monotonic()
+            message = self.pubsub.get_message(timeout=max(left, 0.0) if not changed else 0.0)
+            if message is None:
+                return changed  # nothing more queued: report what we saw
+            changed = True
+
+    def close(self) -> None:
+        self.pubsub.close()
 
 
 class RedisStore:
@@ -340,6 +362,9 @@ class RedisStore:
             ],
         )
         return Checkpoint.from_dict(json.loads(existing)) if existing else checkpoint
+
+    def watch_changes(self, run_id: str) -> _PubSubFeed:
+        return _PubSubFeed(self.r, keys.changes_channel(run_id))
 
     # --- once-guards ----------------------------------------------------
     def claim_guard(self, run_id: str, key: str, token: str) -> str | None:

@@ -13,6 +13,15 @@ from typing import Any, Protocol
 from progress.models import Checkpoint, RunRecord, RunStatus, RunUpdate, StepRecord
 
 
+class ChangeFeed(Protocol):
+    """Signals that a run document changed (Redis pub/sub, Firestore snapshot listener)."""
+
+    def wait(self, timeout: float) -> bool:
+        """Block until the document changes or ``timeout`` seconds pass; True if it changed."""
+
+    def close(self) -> None: ...
+
+
 class Store(Protocol):
     # --- runs -----------------------------------------------------------
     def create_run(self, run: RunRecord) -> RunRecord | None:
@@ -74,6 +83,9 @@ class Store(Protocol):
         Returns the checkpoint that stands (an earlier one if it existed, in
         which case the step and run are left as they are).
         """
+
+    def watch_changes(self, run_id: str) -> ChangeFeed:
+        """Subscribe to changes of the run document (close the feed when done)."""
 
     # --- once-guards ----------------------------------------------------
     def claim_guard(self, run_id: str, key: str, token: str) -> str | None:

@@ -14,143 +14,21 @@ environment variable CI is "true": in CI they must run.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from progress.emulator import EmulatorMissing, reset_emulator, start_emulator
 
 if TYPE_CHECKING:
     from progress.firestore_store import FirestoreStore
 
 #: the project id the tests' emulator serves
 TEST_PROJECT = "haulage-test"
-_RELATIVE = Path("platform/cloud-firestore-emulator/cloud_firestore_emulator")
-_KNOWN_ROOTS = (Path("/usr/lib/google-cloud-sdk"), Path("/usr/share/google-cloud-sdk"),
-                Path.home() / "google-cloud-sdk")  # fmt: skip
-#: seconds the emulator may take to answer (about 1.3 s measured; java can be slow on a busy machine)
-START_TIMEOUT = 60.0
-
-
-class EmulatorMissing(RuntimeError):
-    """Raised when the Firestore emulator (or the Java it runs on) is not installed."""
-
-
-def find_emulator() -> Path:
-    """The ``cloud_firestore_emulator`` launcher of the installed Google Cloud CLI; EmulatorMissing if none."""
-    candidates = []
-    on_path = shutil.which("cloud_firestore_emulator")
-    if on_path:
-        candidates.append(Path(on_path))
-    gcloud = shutil.which("gcloud")
-    if gcloud:
-        # .../google-cloud-sdk/bin/gcloud -> .../google-cloud-sdk
-        candidates.append(Path(gcloud).resolve().parent.parent / _RELATIVE)
-    candidates.extend(root / _RELATIVE for root in _KNOWN_ROOTS)
-    for candidate in candidates:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            if shutil.which("java") is None:
-                raise EmulatorMissing(f"{candidate} is installed but needs Java, and no `java` is on PATH")
-            return candidate
-    looked = ", ".join(str(c) for c in candidates) or "PATH, and no gcloud on PATH to start from"
-    raise EmulatorMissing(
-        f"no cloud_firestore_emulator found (looked in {looked}); install the Google Cloud CLI and run "
-        "`gcloud components install cloud-firestore-emulator`"
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _answers(host: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{host}/", timeout=1) as reply:
-            return int(reply.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def start_emulator(project: str = TEST_PROJECT, *, log_path: Path | None = None) -> tuple[str, Callable[[], None]]:
-    """Start a Firestore emulator on free ports; return its "127.0.0.1:PORT" and a function that stops it.
-
-    The emulator runs in its own process group: the launcher is a shell script
-    whose java child would outlive a kill of the script alone.
-
-    Example::
-
-        host, stop = start_emulator()
-        os.environ["FIRESTORE_EMULATOR_HOST"] = host
-        ...
-        stop()
-    """
-    launcher = find_emulator()
-    port, ws_port = _free_port(), _free_port()
-    host = f"127.0.0.1:{port}"
-    if log_path is None:
-        log_path = Path(tempfile.mkdtemp(prefix="haulage-firestore-")) / "emulator.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [str(launcher), "start", "--host=127.0.0.1", f"--port={port}", f"--websocket_port={ws_port}",
-             f"--project_id={project}"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-    lock = threading.Lock()
-
-    def stop() -> None:
-        with lock:
-            if proc.returncode is not None:
-                return
-            for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            # The group may outlive its leader (java after the launcher script).
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-
-    deadline = time.monotonic() + START_TIMEOUT
-    while not _answers(host):
-        if proc.poll() is not None:
-            stop()
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise EmulatorMissing(f"the Firestore emulator exited with code {proc.returncode}; its log:\n{tail}")
-        if time.monotonic() > deadline:
-            stop()
-            raise TimeoutError(f"the Firestore emulator did not answer on {host} within {START_TIMEOUT:g}s "
-                               f"(log: {log_path})")  # fmt: skip
-        time.sleep(0.1)
-    return host, stop
-
-
-def reset_emulator(host: str, project: str = TEST_PROJECT) -> None:
-    """Delete every document the emulator holds for ``project``."""
-    request = urllib.request.Request(
-        f"http://{host}/emulator/v1/projects/{project}/databases/(default)/documents", method="DELETE"
-    )
-    with urllib.request.urlopen(request, timeout=30) as reply:
-        reply.read()
-
 
 _session: tuple[str, Callable[[], None]] | None = None
 _session_missing: str | None = None  # why the emulator could not start, so later tests do not try again
@@ -194,4 +72,4 @@ def firestore_store_for_tests(coalesce_seconds: float = 1.0) -> Iterator[Firesto
         try:
             store.close()
         finally:
-            reset_emulator(host)
+            reset_emulator(host, TEST_PROJECT)

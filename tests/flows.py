@@ -155,3 +155,18 @@ def slow_once(ctx: StepContext, value: int, sleep: float = 1.0) -> int:
 def t_tick(x: int) -> Any:
     """Scheduled every 2 s; only a running beat starts it."""
     return chain(add.s(x=x))
+
+
+@step
+def crawl(ctx: StepContext, stages: int, pause: float = 0.15) -> int:
+    """Reports progress a few times, so that watchers see the bar move."""
+    for i in range(1, stages + 1):
+        time.sleep(pause)
+        ctx.progress(100 * i / stages, f"stage {i} of {stages}")
+    ctx.add_cost("test-model", usd=0.01, input_tokens=10, output_tokens=5)
+    return stages
+
+
+@workflow("t_progress")
+def t_progress(stages: int = 5, pause: float = 0.15) -> Any:
+    return chain(crawl.s(stages=stages, pause=pause), double.s())

@@ -229,3 +229,22 @@ def test_delete_run_removes_everything(store: Store) -> None:
     assert store.list_steps(run.id) == []
     assert store.get_guards(run.id) == {}
     assert run.id not in [r.id for r in store.list_runs(created_by="ana@example.com", limit=1000)]
+
+
+def test_retention_removes_only_old_finished_runs(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import progress
+    from workflows.retention import purge_finished
+
+    monkeypatch.setattr(progress, "get_store", lambda: store)
+    monkeypatch.setattr("workflows.retention.get_store", lambda: store)
+    owner = f"ret-{uuid.uuid4().hex[:8]}"
+    old, recent, active = new_run(created_by=owner), new_run(created_by=owner), new_run(created_by=owner)
+    for run in (old, recent, active):
+        store.create_run(run)
+    store.put_checkpoint(old.id, Checkpoint("0:a", "a", 1))
+    store.transition(old.id, RunStatus.COMPLETE, allowed_from=ACTIVE, update=RunUpdate(set={"finished_at": now() - 7200}))
+    store.transition(recent.id, RunStatus.FAILED, allowed_from=ACTIVE, update=RunUpdate(set={"finished_at": now()}))
+    removed = purge_finished(older_than_seconds=3600)
+    assert old.id in removed and recent.id not in removed and active.id not in removed
+    assert store.get_run(old.id) is None and store.get_checkpoints(old.id, ["0:a"]) == {}
+    assert store.get_run(recent.id) is not None and store.get_run(active.id) is not None

@@ -54,7 +54,7 @@ def get_publisher() -> CompletionPublisher:
         factory = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"HAULAGE_COMPLETION_PUBLISHER: cannot load {choice!r}: {exc}") from exc
-    return factory()  # type: ignore[no-any-return]
+    return factory()  # type: ignore[no-any-return,unused-ignore]
 
 
 class _Silent:

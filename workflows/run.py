@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from haulage.errors import RunCancelled, RunFailed, RunNotFinished, RunNotFound, WaitTimeout
@@ -58,6 +59,33 @@ class Run:
                 raise WaitTimeout(f"run {self.id} still {record.status.value} after {timeout}s")
             time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
 
+    def watch(self, timeout: float | None = None, *, resync: float = 2.0) -> Iterator[RunRecord]:
+        """Yield the run document each time it changes, ending with its terminal state.
+
+        Changes arrive through the store's subscription (Redis pub/sub, or a
+        Firestore snapshot listener); the document is re-read every
+        ``resync`` seconds anyway, so a missed notice only delays an update.
+        Raises WaitTimeout after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        feed = get_store().watch_changes(self.id)
+        try:
+            last: tuple[Any, ...] | None = None
+            while True:
+                record = self.status()
+                seen = _fingerprint(record)
+                if seen != last:
+                    last = seen
+                    yield record
+                if record.terminal:
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise WaitTimeout(f"run {self.id} still {record.status.value} after {timeout}s")
+                feed.wait(resync if left is None else min(resync, left))
+        finally:
+            feed.close()
+
     def results(self) -> Any:
         """The final output: the last stage's value, or ``Results`` when the plan ends in a fan-out.
 
@@ -82,6 +110,12 @@ class Run:
     def resume(self) -> Run:
         """Continue the run from its checkpoints (after a crash or a failure)."""
         return resume_run(self.id)
+
+
+def _fingerprint(record: RunRecord) -> tuple[Any, ...]:
+    cost = tuple(sorted((m, c.usd, c.calls) for m, c in record.cost.items()))
+    steps = (record.steps.total, record.steps.done, record.steps.failed)
+    return (record.status, record.percent, record.message, steps, cost, len(record.history))
 
 
 def get_run(run_id: str) -> Run:

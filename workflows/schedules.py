@@ -40,6 +40,7 @@ def tick_of(spec: Any, at: float) -> str:
 def beat_schedule() -> dict[str, dict[str, Any]]:
     """Entries for every scheduled workflow and the maintenance jobs (load modules first)."""
     import workflows.recovery  # noqa: F401 - registers the reaper's entry
+    import workflows.retention  # noqa: F401 - and retention's
 
     entries = dict(MAINTENANCE)
     for wf in registry.all_workflows():
