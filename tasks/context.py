@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from progress.models import Event, RunStatus, RunUpdate, cost_increments, now
+from tasks.ledger import Ledger
 
 if TYPE_CHECKING:
     from progress.store import Store
@@ -113,6 +114,12 @@ class StepContext:
             raise
         if first:
             self._store.finish_guard(self.run_id, guard, token, done=True)
+
+    def ledger(self, name: str) -> Ledger:
+        """The processed-item ledger ``name`` of this step: ``done(id)``, ``mark(id)``, ``pending(items, key=)``."""
+        from haulage.redis_client import get_redis
+
+        return Ledger(get_redis(), self.run_id, self.step_key, name)
 
     def guard_id(self, key: str) -> str:
         """A stable id for the effect guarded by ``once(key)``: pass it to systems that dedupe."""

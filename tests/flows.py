@@ -170,3 +170,20 @@ def crawl(ctx: StepContext, stages: int, pause: float = 0.15) -> int:
 @workflow("t_progress")
 def t_progress(stages: int = 5, pause: float = 0.15) -> Any:
     return chain(crawl.s(stages=stages, pause=pause), double.s())
+
+
+@step(retries=2, backoff=0.05)
+def ledgered(ctx: StepContext, n: int, fail_at: int) -> int:
+    """Processes n items; the first attempt fails at item ``fail_at``; retries skip what landed."""
+    processed = 0
+    for item in ctx.ledger("items").pending(range(n)):
+        count(f"{ctx.run_id}:item:{item}")
+        if item == fail_at and ctx.attempt == 1:
+            raise ConnectionError(f"lost the connection at item {item}")
+        processed += 1
+    return processed
+
+
+@workflow("t_ledger")
+def t_ledger(n: int, fail_at: int) -> Any:
+    return chain(ledgered.s(n=n, fail_at=fail_at))

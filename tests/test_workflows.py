@@ -238,3 +238,11 @@ def test_results_type_round_trip() -> None:
     assert not r.ok and len(r) == 2 and r.failures[0].params == {"x": 1}
     assert Results.from_dict(r.to_dict()) == r
     assert count  # the helper module loads
+
+
+def test_ledger_skips_items_that_landed(worker: WorkerProcess, redis_client: Any) -> None:
+    run = registry.get("t_ledger").start(n=10, fail_at=6)
+    assert run.wait(timeout=30).status is RunStatus.COMPLETE
+    assert run.results() == 4  # the retry processed only items 6..9
+    per_item = {i: int(redis_client.get(f"test:count:{run.id}:item:{i}")) for i in range(10)}
+    assert per_item == {**{i: 1 for i in range(10)}, 6: 2}  # item 6 was being processed when it failed
