@@ -57,7 +57,14 @@ worker_send_task_events = True
 task_send_sent_event = True
 task_track_started = True
 
-imports = ("tasks.internal", "workflows.schedules", "workflows.recovery", "workflows.completion", "workflows.retention", *_s.modules)
+imports = (
+    "tasks.internal",
+    "workflows.schedules",
+    "workflows.recovery",
+    "workflows.completion",
+    "workflows.retention",
+    *_s.modules,
+)
 
 # Beat keeps its schedule in Redis, behind a lock: two beat processes never fire the same entry.
 beat_scheduler = "redbeat.RedBeatScheduler"

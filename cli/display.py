@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import sys
 import time
 from typing import Any, TextIO
 
-from progress.models import RunRecord
+from progress.models import RunRecord, StepRecord
 
 BAR_WIDTH = 30
 
@@ -50,13 +51,16 @@ class ProgressPrinter:
             self.out.flush()
 
 
-def record_summary(record: RunRecord) -> str:
+def record_summary(record: RunRecord, steps: list[StepRecord] | None = None) -> str:
     lines = [
         f"run       {record.id}",
         f"workflow  {record.workflow}",
         f"status    {record.status.value}  {record.percent:.1f}%  {record.message}",
         f"steps     {record.steps.done} done, {record.steps.failed} failed, {record.steps.total} known",
     ]
+    if steps:
+        where = Counter(s.backend for s in steps)
+        lines.append("ran on    " + ", ".join(f"{backend} {n}" for backend, n in sorted(where.items())))
     if record.created_by:
         lines.append(f"by        {record.created_by}")
     if record.tags:

@@ -72,7 +72,7 @@ def _print_outcome(record: Any, as_json: bool) -> int:
     if as_json:
         print(to_json({"run": record.to_dict(), "results": results}))
     else:
-        print(record_summary(record))
+        print(record_summary(record, get_run(record.id).steps()))
         if results is not None:
             print("results")
             print(to_json(results))
@@ -244,7 +244,7 @@ def _stack(args: argparse.Namespace) -> Any:
     from haulage.settings import get_settings
 
     return Stack(Path(args.dev_dir) if args.dev_dir else get_settings().dev_dir, modules=_modules_for_dev(),
-                 store=args.store)  # fmt: skip
+                 store=args.store, dispatch=args.dispatch)  # fmt: skip
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -259,8 +259,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
     print("haulage dev: starting the stack")
     try:
         stack.start()
+        env_file = stack.write_client_env()
         print(f"haulage dev: ready. HAULAGE_REDIS_URL={stack.redis_url} HAULAGE_MODULES={stack.modules}")
         print(f"haulage dev: Flower at {stack.flower_url}")
+        print(f"haulage dev: to use this stack from another shell: source {env_file}")
         print("haulage dev: Ctrl-C stops everything")
         watcher = threading.Thread(target=stack.supervise, daemon=True)
         watcher.start()
@@ -305,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev-dir", help="where Redis data and logs go (default HAULAGE_DEV_DIR or .haulage)")
     p.add_argument("--store", choices=["auto", "redis", "firestore"], default="auto",
                    help="auto: the Firestore emulator when installed, else Redis")  # fmt: skip
+    p.add_argument("--dispatch", choices=["cloudrun", "local"], default="cloudrun",
+                   help="cloudrun: long steps run on a local Cloud Run Jobs server (default)")  # fmt: skip
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("demo", help="start the dev stack, run an example workflow with live progress, stop")
@@ -312,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--dev-dir")
     p.add_argument("--store", choices=["auto", "redis", "firestore"], default="auto")
+    p.add_argument("--dispatch", choices=["cloudrun", "local"], default="cloudrun")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("worker", help="run a Celery worker for the configured modules")

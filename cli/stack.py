@@ -75,7 +75,8 @@ class Stack:
     """Start, supervise and stop the processes of the dev stack."""
 
     def __init__(self, dev_dir: Path, *, modules: str, queues: tuple[str, ...] = ("short", "long", "dispatch"),
-                 out: Callable[[str], None] = print, store: str = "auto") -> None:  # fmt: skip
+                 out: Callable[[str], None] = print, store: str = "auto",
+                 dispatch: str = "cloudrun") -> None:  # fmt: skip
         self.dev_dir = dev_dir
         self.modules = modules
         self.queues = queues
@@ -85,6 +86,7 @@ class Stack:
         self.redis_url = os.environ.get("HAULAGE_REDIS_URL", "")
         self.flower_url = ""
         self.store = store
+        self.dispatch = dispatch
         self._stop_emulator: Callable[[], None] | None = None
 
     def env(self) -> dict[str, str]:
@@ -111,6 +113,11 @@ class Stack:
         os.environ["HAULAGE_REDIS_URL"] = self.redis_url
         os.environ["HAULAGE_MODULES"] = self.modules
         self._start_store(logs)
+        if self.dispatch == "cloudrun":
+            self._start_cloudrun(logs)
+        else:
+            os.environ["HAULAGE_DISPATCH_MODE"] = "local"
+            self.out("  dispatch       local queues only")
         # Settings read before this point (e.g. for HAULAGE_DEV_DIR) must not keep the old URL.
         from haulage.redis_client import reset_redis
         from haulage.settings import reset_settings
@@ -134,6 +141,29 @@ class Stack:
                        logs / "flower.log", flower_env, where=self.flower_url)  # fmt: skip
         flower.ready = lambda: self._wait_port(flower, flower_port)
         self._launch(flower)
+
+    def _start_cloudrun(self, logs: Path) -> None:
+        """The local Cloud Run Jobs server; long steps run as its executions, as they would on Cloud Run."""
+        port = int(os.environ.get("HAULAGE_DEV_CLOUDRUN_PORT") or free_port())
+        job = "projects/haulage-dev/locations/local/jobs/haulage-step"
+        argv = [sys.executable, "-m", "dispatch.local_cloudrun", "--port", str(port), "--job", "haulage-step",
+                "--log-dir", str(logs / "cloudrun")]  # fmt: skip
+        child = Child("cloudrun", argv, logs / "cloudrun.log", self.env(),
+                      where=f"local Cloud Run Jobs server at 127.0.0.1:{port}, job {job}")  # fmt: skip
+        child.ready = lambda: self._wait_port(child, port)
+        self._launch(child)
+        os.environ.update({"HAULAGE_DISPATCH_MODE": "cloudrun", "HAULAGE_CLOUDRUN_ENDPOINT": f"127.0.0.1:{port}",
+                           "HAULAGE_CLOUDRUN_JOB": job,
+                           "HAULAGE_CLOUDRUN_POLL_INTERVAL": os.environ.get("HAULAGE_CLOUDRUN_POLL_INTERVAL", "0.5")})  # fmt: skip
+
+    def write_client_env(self) -> Path:
+        """A file of `export` lines that points a shell's `haulage` commands at this stack."""
+        names = ("HAULAGE_REDIS_URL", "HAULAGE_MODULES", "HAULAGE_STORE", "FIRESTORE_EMULATOR_HOST",
+                 "HAULAGE_FIRESTORE_PROJECT", "HAULAGE_DISPATCH_MODE", "HAULAGE_CLOUDRUN_ENDPOINT",
+                 "HAULAGE_CLOUDRUN_JOB", "HAULAGE_CLOUDRUN_POLL_INTERVAL")  # fmt: skip
+        path = self.dev_dir / "env"
+        path.write_text("".join(f"export {n}={os.environ[n]}\n" for n in names if os.environ.get(n)))
+        return path
 
     def _start_store(self, logs: Path) -> None:
         """The Firestore emulator when installed (or asked for), else the Redis store; say which."""
@@ -216,6 +246,8 @@ class Stack:
                 continue
             child.signal(signal.SIGTERM)
         self._reap([c for c in self.children if c.name != "redis"])
+        with contextlib.suppress(OSError):
+            (self.dev_dir / "env").unlink()
         for child in self.children:
             if child.name == "redis":
                 child.signal(signal.SIGTERM)

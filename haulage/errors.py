@@ -109,3 +109,27 @@ class StepFailed(HaulageError):
 
 class StepResultNotSerializable(HaulageError):
     """Raised when a step returns a value that cannot be stored as JSON."""
+
+
+class DispatchError(HaulageError):
+    """Raised when a step cannot be handed to, or run by, the backend chosen for it."""
+
+
+class CloudRunNotConfigured(DispatchError):
+    """Raised when a step should go to Cloud Run but no job is configured (the step falls back)."""
+
+
+class CloudRunUnavailable(DispatchError):
+    """Raised when the Cloud Run client cannot be created (no credentials, bad endpoint)."""
+
+
+class ExecutionFailed(DispatchError):
+    """Raised (and recorded on the step) when a Cloud Run execution ended without the step's checkpoint."""
+
+
+class ExecutionDeadlineExceeded(ExecutionFailed):
+    """Raised when a Cloud Run execution outlived its step's timeout plus HAULAGE_CLOUDRUN_DEADLINE_MARGIN."""
+
+
+class JobError(DispatchError):
+    """Raised by the job container entrypoint when it cannot run its step (env, payload, lock)."""

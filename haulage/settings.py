@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from haulage.errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# A Cloud Run job: its full resource name, or a bare job id completed by project and region.
+_JOB_NAME_RE = re.compile(r"^projects/[^/]+/locations/[^/]+/jobs/[^/]+$")
+_JOB_ID_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def _str(name: str, default: str) -> str:
@@ -58,6 +63,19 @@ class Settings:
     lock_margin: float  #: seconds the step lock outlives the hard timeout
     dispatch_mode: str
     dev_dir: Path
+    lock_liveness: float  #: seconds a dead lock holder blocks its step before a redelivery takes over
+    stale_after: float  #: seconds without a heartbeat before the reaper resumes a run
+    max_recoveries: int  #: resumes the reaper tries before it fails a stale run
+    reaper_interval: float  #: seconds between reaper passes (beat)
+    retention_days: float  #: finished runs older than this are deleted
+    retention_interval: float  #: seconds between retention passes (beat)
+    cloudrun_job: str  #: HAULAGE_CLOUDRUN_JOB as given: a full job name or a bare job id ("" unset)
+    cloudrun_project: str  #: completes a bare job id ("" unset)
+    cloudrun_region: str  #: completes a bare job id ("" unset)
+    cloudrun_endpoint: str  #: host:port of a local Cloud Run server (insecure); "" = Google, default credentials
+    cloudrun_poll_interval: float  #: seconds between looks at a running execution
+    cloudrun_call_timeout: float  #: seconds; the deadline of every Cloud Run API call
+    cloudrun_deadline_margin: float  #: seconds past the step's timeout before Haulage cancels an execution
 
 
 def load_settings() -> Settings:
@@ -87,7 +105,35 @@ def load_settings() -> Settings:
         lock_margin=_number("HAULAGE_LOCK_MARGIN", 60, minimum=1),
         dispatch_mode=_choice("HAULAGE_DISPATCH_MODE", "local", ("local", "cloudrun")),
         dev_dir=Path(_str("HAULAGE_DEV_DIR", ".haulage")),
+        lock_liveness=_number("HAULAGE_LOCK_LIVENESS", 15, minimum=1),
+        stale_after=_number("HAULAGE_STALE_AFTER", 600, minimum=1),
+        max_recoveries=int(_number("HAULAGE_MAX_RECOVERIES", 3, minimum=0)),
+        reaper_interval=_number("HAULAGE_REAPER_INTERVAL", 60, minimum=0.5),
+        retention_days=_number("HAULAGE_RETENTION_DAYS", 30, minimum=0.001),
+        retention_interval=_number("HAULAGE_RETENTION_INTERVAL", 3600, minimum=1),
+        cloudrun_job=_cloudrun_job(),
+        cloudrun_project=_str("HAULAGE_CLOUDRUN_PROJECT", "") or _str("GOOGLE_CLOUD_PROJECT", ""),
+        cloudrun_region=_str("HAULAGE_CLOUDRUN_REGION", ""),
+        cloudrun_endpoint=_str("HAULAGE_CLOUDRUN_ENDPOINT", ""),
+        cloudrun_poll_interval=_number("HAULAGE_CLOUDRUN_POLL_INTERVAL", 5.0, minimum=0.05),
+        cloudrun_call_timeout=_number("HAULAGE_CLOUDRUN_CALL_TIMEOUT", 30.0, minimum=0.1),
+        cloudrun_deadline_margin=_number("HAULAGE_CLOUDRUN_DEADLINE_MARGIN", 300.0, minimum=0),
     )
+
+
+def _cloudrun_job() -> str:
+    # A malformed name fails here, at start-up; a missing one only turns Cloud Run off (fallback).
+    value = _str("HAULAGE_CLOUDRUN_JOB", "")
+    if value and "/" in value and not _JOB_NAME_RE.match(value):
+        raise ConfigError(
+            f"HAULAGE_CLOUDRUN_JOB must be projects/PROJECT/locations/REGION/jobs/JOB or a bare job id, got {value!r}"
+        )
+    if value and "/" not in value and not _JOB_ID_RE.match(value):
+        raise ConfigError(
+            "HAULAGE_CLOUDRUN_JOB must be a Cloud Run job id (lowercase letters, digits and hyphens, "
+            f"starting with a letter, at most 63 characters), got {value!r}"
+        )
+    return value
 
 
 @functools.cache

@@ -409,6 +409,8 @@ class FirestoreStore:
         self.collection_name = collection
         self.database = database
         self.interval = coalesce_seconds  #: seconds
+        #: other workers' buffered counters land within about two intervals
+        self.settle_seconds = 2 * coalesce_seconds + 1.0
         self.writes: Counter[str] = Counter()
         self.conflicts: Counter[str] = Counter()
         self._given_client = client

@@ -166,6 +166,8 @@ class _PubSubFeed:
 class RedisStore:
     """Store backend on Redis; see :class:`progress.store.Store` for the contract."""
 
+    settle_seconds = 0.0  # every write is one script, applied at once
+
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._create = client.register_script(_CREATE)

@@ -23,6 +23,9 @@ class ChangeFeed(Protocol):
 
 
 class Store(Protocol):
+    #: seconds that writes made by other processes may take to land (0: every write lands at once)
+    settle_seconds: float
+
     # --- runs -----------------------------------------------------------
     def create_run(self, run: RunRecord) -> RunRecord | None:
         """Create ``run`` if no run has its id; return the existing one otherwise (None when created)."""

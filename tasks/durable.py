@@ -1,20 +1,28 @@
 """The durable step wrapper: check, lock, run, record.
 
-Every step's Celery task runs through :func:`execute_step`, in this order:
+Every attempt at a step runs through :class:`Attempt`, in this order:
 1. a run that is terminal is never re-run: the delivery is acknowledged and does nothing;
 2. a checkpoint for (run_id, step_key) is returned at once (replay), after a name check;
 3. the step lock is taken (fail closed); a delivery that finds it held comes back later;
 4. the step runs; its result is checked for JSON and written as a create-if-absent checkpoint;
 5. failures retry with backoff (the step QUEUED meanwhile); the last attempt records the failure.
 Values pass between steps through the store; messages carry references only.
+
+``Attempt`` holds no Celery: a Celery task runs it through :func:`execute_step`
+(:class:`CeleryAttempt`), and the Cloud Run job container (``dispatch.job``)
+through its own subclass, so both run the same checks, lock and checkpoint.
+The hooks a subclass adapts are where the two differ: waiting for a held lock,
+and what a failed attempt does next (retry here, or report to the dispatcher).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 
+from haulage import keys
 from haulage.errors import (
     HaulageError,
     LockUnavailable,
@@ -29,7 +37,6 @@ from haulage.redis_client import get_redis
 from haulage.settings import get_settings
 from progress import get_store
 from progress.models import (
-    ACTIVE,
     Checkpoint,
     Event,
     RunStatus,
@@ -40,6 +47,7 @@ from progress.models import (
 )
 from progress.store import Store
 from tasks.context import StepContext
+from tasks.ending import end_run
 from tasks.flow import Flow, failure_ref, is_failure, ok_ref, skipped_ref, stage_percent
 from tasks.heartbeat import Heartbeat
 from tasks.lock import StepLock
@@ -78,7 +86,7 @@ def build_input(flow: Flow, prev: Any, cps: dict[str, Checkpoint]) -> tuple[list
         if cp is None:
             raise HaulageError(f"the checkpoint of the previous step {prev!r} is missing")
         return [cp.value], None
-    refs = sorted((r for r in prev or [] if isinstance(r, dict)), key=lambda r: (r.get("i") or 0))
+    refs = sorted((r for r in prev or [] if isinstance(r, dict)), key=lambda r: r.get("i") or 0)
     successes, failures = [], []
     for ref in refs:
         if ref.get("ok") == 1:
@@ -94,11 +102,11 @@ def build_input(flow: Flow, prev: Any, cps: dict[str, Checkpoint]) -> tuple[list
 
 def fail_run(store: Store, run_id: str, error: str, step_key: str | None = None, result: Any = None) -> bool:
     """End the run FAILED with ``error`` unless it already ended."""
-    return store.transition(
+    return end_run(
+        store,
         run_id,
         RunStatus.FAILED,
-        allowed_from=ACTIVE,
-        update=RunUpdate(
+        RunUpdate(
             set={"error": error, "message": error, "finished_at": now(), "result": result},
             events=[Event(now(), "failed", error, step_key)],
         ),
@@ -143,91 +151,210 @@ def mark_processing(store: Store, run_id: str, flow: Flow) -> None:
         )
 
 
-def execute_step(task: Any, step: Step, *args: Any, run_id: str, key: str, params: dict[str, Any],
-                 flow: Flow) -> Any:  # fmt: skip
-    store = get_store()
+@dataclass
+class Finished:
+    """What :func:`prepare` returns when the step must not run: the reference to return instead."""
+
+    ref: Any
+    status: RunStatus | None = None  #: the run's status when it is terminal (or None: gone or not terminal)
+
+
+@dataclass
+class Ready:
+    """What :func:`prepare` returns when the step should run: its input."""
+
+    inputs: list[Any]
+    results: Results | None
+
+
+def prepare(store: Store, step: Step, args: tuple[Any, ...], *, run_id: str, key: str,
+            flow: Flow) -> Finished | Ready:  # fmt: skip
+    """The checks made before anything runs: a failed input, a terminal run, a checkpoint, the fan-in policy."""
     item = flow["item"]
     prev = args[0] if args else None
     if flow["input"] == "value" and is_failure(prev):
-        return prev  # an earlier step of this fan-out item failed: carry its failure to the fan-in
-
+        return Finished(prev)  # an earlier step of this fan-out item failed: carry its failure to the fan-in
     status, cps = store.load_step_state(run_id, [key, *input_keys(flow, prev)])
     if status is None or status.terminal:
         log.info("run %s is %s; step %s not run", run_id, status.value if status else "gone", key)
-        return skipped_ref(key, item, status.value if status else "missing")
+        return Finished(skipped_ref(key, item, status.value if status else "missing"), status)
     own = cps.get(key)
     if own is not None:
         try:
-            _check_name(own, step.name, key)
+            check_name(own, step.name, key)
         except NondeterminismError as exc:
             fail_run(store, run_id, f"{type(exc).__name__}: {exc}", key)
             raise
-        return ok_ref(key, item)
+        return Finished(ok_ref(key, item))
     inputs, results = build_input(flow, prev, cps)
     if policy_blocks(store, run_id, flow, results, key):
-        return skipped_ref(key, item, "failed")
+        return Finished(skipped_ref(key, item, "failed"))
+    return Ready(inputs, results)
 
-    lock = StepLock(get_redis(), run_id, key, step.hard_limit + get_settings().lock_margin)
-    try:
-        acquired = lock.acquire()
-    except LockUnavailable as exc:
-        log.warning("step %s of run %s: %s; retrying later", key, run_id, exc)
-        raise task.retry(countdown=LOCK_WAIT, exc=exc) from exc
-    if not acquired:
-        # Another delivery of this step runs now; come back and find its checkpoint.
-        raise task.retry(countdown=LOCK_WAIT * random.uniform(0.5, 1.5))
 
-    attempt = flow["attempt"]
-    counted: int | None = None
-    try:
-        record = StepRecord(key, step.name, StepStatus.RUNNING, attempt, task_id=task.request.id)
-        mark_processing(store, run_id, flow)
-        if store.start_step(run_id, record, RunUpdate(set={"heartbeat": now()})) is not None:
-            return ok_ref(key, item)  # finished by another delivery while we waited for the lock
-        if lock.stolen:
-            log.warning("step %s of run %s: took the lock over from a holder that died", key, run_id)
-        ctx = StepContext(store, run_id=run_id, step_key=key, step_name=step.name, attempt=attempt, flow=flow)
+class Attempt:
+    """One attempt at one step, run durably; subclasses adapt it to where it runs.
+
+    ``backend`` is recorded on the step ("local", "local-fallback", "cloudrun")
+    with ``note`` (why it runs there) and ``execution`` (a Cloud Run execution).
+    """
+
+    def __init__(self, step: Step, *, run_id: str, key: str, params: dict[str, Any], flow: Flow,
+                 task_id: str | None = None, backend: str = "local", note: str = "",
+                 execution: str | None = None) -> None:  # fmt: skip
+        self.step = step
+        self.run_id = run_id
+        self.key = key
+        self.params = params
+        self.flow = flow
+        self.attempt = flow["attempt"]
+        self.task_id = task_id
+        self.backend = backend
+        self.note = note
+        self.execution = execution
+        #: the stage whose finished-unit counter this attempt bumps when it releases the lock
+        self.counted: int | None = None
+
+    # --- hooks ----------------------------------------------------------
+    def acquire(self, lock: StepLock) -> bool:
+        """Take the step lock. False: give up because the step was finished meanwhile."""
+        raise NotImplementedError
+
+    def on_error(self, store: Store, exc: Exception) -> Any:
+        """The step raised ``exc``: retry, record the failure, or report it. Returns the step's reference."""
+        raise NotImplementedError
+
+    # --- the core -------------------------------------------------------
+    def previous_attempt_died(self, store: Store) -> Any:
+        """After a lock takeover: count the dead holder's attempt against the retries.
+
+        A hard time limit (recorded by tasks.timeouts) or a killed worker ends an
+        attempt without an exception anyone could catch; its step record still
+        says RUNNING (or QUEUED with TimeLimitExceeded). Returns the failure
+        reference when that was the last attempt allowed, else None and this
+        delivery runs as the next attempt.
+        """
+        prev = store.get_step(self.run_id, self.key)
+        if prev is None or prev.status not in (StepStatus.RUNNING, StepStatus.QUEUED) or prev.attempt < self.attempt:
+            return None
+        error_type = prev.error_type if prev.error_type == "TimeLimitExceeded" else "WorkerLost"
+        message = prev.error if error_type == "TimeLimitExceeded" else "the process running the step died"
+        if self.step.policy.exhausted(prev.attempt):
+            self.counted = self.flow["stage"]
+            return record_failure(store, self.run_id, self.step, self.key, prev.attempt, error_type, message or "",
+                                  self.params, self.flow, backend=self.backend, note=self.note)  # fmt: skip
+        self.attempt = prev.attempt + 1
+        store.update_run(self.run_id, RunUpdate(events=[Event(
+            now(), "retry", f"{self.step.name} attempt {prev.attempt} ended: {error_type}: {message}; "
+            f"running attempt {self.attempt}", self.key)]))  # fmt: skip
+        return None
+
+    def record(self, status: StepStatus, **fields: Any) -> StepRecord:
+        return StepRecord(self.key, self.step.name, status, self.attempt, backend=self.backend,
+                          message=self.note, execution=self.execution, **fields)  # fmt: skip
+
+    def run(self, *args: Any) -> Any:
+        store = get_store()
+        step, run_id, key, flow = self.step, self.run_id, self.key, self.flow
+        item = flow["item"]
+        ready = prepare(store, step, args, run_id=run_id, key=key, flow=flow)
+        if isinstance(ready, Finished):
+            return ready.ref
+
+        lock = StepLock(get_redis(), run_id, key, step.hard_limit + get_settings().lock_margin)
+        if not self.acquire(lock):
+            return ok_ref(key, item)
         try:
-            with Heartbeat(lock, store, run_id):
-                value = step.func(ctx, *inputs, **params)
-            reason = check_serializable(value)
-            if reason:
-                raise StepResultNotSerializable(
-                    f"step {step.name!r} ({key}) returned a value that is not JSON: {reason}"
-                )
-        except RunCancelled:
-            store.put_step(run_id, StepRecord(key, step.name, StepStatus.CANCELLED, attempt))
-            return skipped_ref(key, item, RunStatus.CANCELLED.value)
-        except Exception as exc:
-            if _retryable(step, exc) and not step.policy.exhausted(attempt):
-                countdown = step.policy.countdown(attempt)
-                _record_retry(store, run_id, step, key, attempt, exc, countdown, task.request.id)
-                retry_flow = dict(flow, attempt=attempt + 1)
-                raise task.retry(
-                    countdown=countdown, kwargs={"run_id": run_id, "key": key, "params": params, "flow": retry_flow}
-                ) from exc
-            counted = flow["stage"]
-            return _record_failure(store, run_id, step, key, attempt, exc, params, flow)
+            mark_processing(store, run_id, flow)
+            if store.start_step(run_id, self.record(StepStatus.RUNNING, task_id=self.task_id),
+                                RunUpdate(set={"heartbeat": now()})) is not None:  # fmt: skip
+                return ok_ref(key, item)  # finished by another delivery while we waited for the lock
+            if lock.stolen:
+                log.warning("step %s of run %s: took the lock over from a holder that died", key, run_id)
+                dead = self.previous_attempt_died(store)
+                if dead is not None:
+                    return dead
+            ctx = StepContext(store, run_id=run_id, step_key=key, step_name=step.name, attempt=self.attempt,
+                              flow=flow, backend=self.backend)  # fmt: skip
+            try:
+                with Heartbeat(lock, store, run_id):
+                    value = step.func(ctx, *ready.inputs, **self.params)
+                reason = check_serializable(value)
+                if reason:
+                    raise StepResultNotSerializable(
+                        f"step {step.name!r} ({key}) returned a value that is not JSON: {reason}"
+                    )
+            except RunCancelled:
+                store.put_step(run_id, self.record(StepStatus.CANCELLED))
+                return skipped_ref(key, item, RunStatus.CANCELLED.value)
+            except Exception as exc:
+                return self.on_error(store, exc)
 
-        checkpoint = Checkpoint(key, step.name, value, attempt)
-        done = StepRecord(key, step.name, StepStatus.COMPLETE, attempt, percent=100.0, task_id=task.request.id)
-        update = RunUpdate(incr={"steps.done": 1}, set={"heartbeat": now()})
-        if item is None:
-            update.maximum["percent"] = stage_percent(flow, flow["units"])
-            update.events.append(Event(now(), "step", f"{step.name} complete", key))
-        stored = store.complete_step(run_id, checkpoint, done, update)
-        if stored is not checkpoint:
-            _check_name(stored, step.name, key)
-        elif item is not None:
-            counted = flow["stage"]
-        return ok_ref(key, item)
-    finally:
-        finished = lock.release(count_stage=counted)
-        if counted is not None and item is not None:
-            _report_stage_progress(store, run_id, flow, finished)
+            checkpoint = Checkpoint(key, step.name, value, self.attempt)
+            done = self.record(StepStatus.COMPLETE, percent=100.0, task_id=self.task_id)
+            update = RunUpdate(incr={"steps.done": 1}, set={"heartbeat": now()})
+            if item is None:
+                update.maximum["percent"] = stage_percent(flow, flow["units"])
+                update.events.append(Event(now(), "step", f"{step.name} complete", key))
+            stored = store.complete_step(run_id, checkpoint, done, update)
+            if stored is not checkpoint:
+                check_name(stored, step.name, key)
+            elif item is not None:
+                self.counted = flow["stage"]
+            return ok_ref(key, item)
+        finally:
+            finished = lock.release(count_stage=self.counted)
+            if self.counted is not None and item is not None:
+                report_stage_progress(store, run_id, flow, finished)
 
 
-def _check_name(cp: Checkpoint, name: str, key: str) -> None:
+class CeleryAttempt(Attempt):
+    """An attempt run by a step's Celery task: a held lock and a failure both come back as ``task.retry``."""
+
+    def __init__(self, task: Any, step: Step, **kwargs: Any) -> None:
+        super().__init__(step, task_id=task.request.id, **kwargs)
+        self.task = task
+
+    def acquire(self, lock: StepLock) -> bool:
+        try:
+            acquired = lock.acquire()
+        except LockUnavailable as exc:
+            log.warning("step %s of run %s: %s; retrying later", self.key, self.run_id, exc)
+            raise self.task.retry(countdown=LOCK_WAIT, exc=exc) from exc
+        if not acquired:
+            # Another delivery of this step runs now; come back and find its checkpoint.
+            raise self.task.retry(countdown=LOCK_WAIT * random.uniform(0.5, 1.5))
+        return True
+
+    def on_error(self, store: Store, exc: Exception) -> Any:
+        step, attempt = self.step, self.attempt
+        error_type, message = type(exc).__name__, str(exc)
+        if retryable(step, exc) and not step.policy.exhausted(attempt):
+            countdown = step.policy.countdown(attempt)
+            record_retry(store, self.run_id, step, self.key, attempt, error_type, message, countdown, self.task_id,
+                         backend=self.backend, note=self.note)  # fmt: skip
+            raise self.task.retry(countdown=countdown, kwargs=self.retry_kwargs()) from exc
+        self.counted = self.flow["stage"]
+        return record_failure(store, self.run_id, step, self.key, attempt, error_type, message, self.params,
+                              self.flow, backend=self.backend, note=self.note)  # fmt: skip
+
+    def retry_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"run_id": self.run_id, "key": self.key, "params": self.params,
+                                  "flow": dict(self.flow, attempt=self.attempt + 1)}  # fmt: skip
+        if self.backend != "local":  # a fallback stays one on its retries
+            kwargs.update(backend=self.backend, backend_note=self.note)
+        return kwargs
+
+
+def execute_step(task: Any, step: Step, *args: Any, run_id: str, key: str, params: dict[str, Any],
+                 flow: Flow, backend: str = "local", backend_note: str = "") -> Any:  # fmt: skip
+    """The body of every step's Celery task (``backend``/``backend_note``: set by a Cloud Run fallback)."""
+    attempt = CeleryAttempt(task, step, run_id=run_id, key=key, params=params, flow=flow, backend=backend,
+                            note=backend_note)  # fmt: skip
+    return attempt.run(*args)
+
+
+def check_name(cp: Checkpoint, name: str, key: str) -> None:
     if cp.name != name:
         raise NondeterminismError(
             f"step {key!r} was checkpointed by {cp.name!r} but is now {name!r}; "
@@ -235,35 +362,65 @@ def _check_name(cp: Checkpoint, name: str, key: str) -> None:
         )
 
 
-def _retryable(step: Step, exc: Exception) -> bool:
+def retryable(step: Step, exc: BaseException) -> bool:
+    """False for programming errors and the step's ``no_retry_on`` types: another attempt cannot help."""
     return not isinstance(exc, _NEVER_RETRY + step.no_retry_on)
 
 
-def _record_retry(store: Store, run_id: str, step: Step, key: str, attempt: int, exc: Exception,
-                  countdown: float, task_id: str | None) -> None:  # fmt: skip
+def record_retry(store: Store, run_id: str, step: Step, key: str, attempt: int, error_type: str, message: str,
+                 countdown: float, task_id: str | None, *, backend: str = "local", note: str = "") -> None:  # fmt: skip
+    """Record that ``attempt`` failed and the next one starts in ``countdown`` seconds."""
     # QUEUED with retry_at tells the stale-run reaper this step is waiting out its backoff.
     store.put_step(
         run_id,
-        StepRecord(key, step.name, StepStatus.QUEUED, attempt + 1, error_type=type(exc).__name__,
-                   error=str(exc), retry_at=now() + countdown, task_id=task_id),  # fmt: skip
+        StepRecord(
+            key,
+            step.name,
+            StepStatus.QUEUED,
+            attempt + 1,
+            error_type=error_type,
+            error=message,
+            retry_at=now() + countdown,
+            task_id=task_id,
+            backend=backend,
+            message=note,
+        ),  # fmt: skip
     )
     store.update_run(
         run_id,
         RunUpdate(
             set={"heartbeat": now()},
-            events=[Event(now(), "retry", f"{step.name} attempt {attempt} failed ({type(exc).__name__}: {exc}); "
-                          f"retrying in {countdown:.1f}s", key)],  # fmt: skip
+            events=[
+                Event(
+                    now(),
+                    "retry",
+                    f"{step.name} attempt {attempt} failed ({error_type}: {message}); retrying in {countdown:.1f}s",
+                    key,
+                )
+            ],  # fmt: skip
         ),
     )
     log.warning("step %s of run %s failed (attempt %d): %s: %s; retry in %.1fs",
-                key, run_id, attempt, type(exc).__name__, exc, countdown)  # fmt: skip
+                key, run_id, attempt, error_type, message, countdown)  # fmt: skip
 
 
-def _record_failure(store: Store, run_id: str, step: Step, key: str, attempt: int, exc: Exception,
-                    params: dict[str, Any], flow: Flow) -> Any:  # fmt: skip
-    error_type, message = type(exc).__name__, str(exc)
+def record_failure(store: Store, run_id: str, step: Step, key: str, attempt: int, error_type: str, message: str,
+                   params: dict[str, Any], flow: Flow, *, backend: str = "local", note: str = "",
+                   execution: str | None = None) -> Any:  # fmt: skip
+    """Record the step's final failure: a fan-out item returns its failure reference, a chain step fails the run."""
     store.put_step(
-        run_id, StepRecord(key, step.name, StepStatus.FAILED, attempt, error_type=error_type, error=message)
+        run_id,
+        StepRecord(
+            key,
+            step.name,
+            StepStatus.FAILED,
+            attempt,
+            error_type=error_type,
+            error=message,
+            backend=backend,
+            message=note,
+            execution=execution,
+        ),  # fmt: skip
     )
     summary = f"{step.name} failed after {attempt} attempt(s): {error_type}: {message}"
     store.update_run(run_id, RunUpdate(incr={"steps.failed": 1}, events=[Event(now(), "step-failed", summary, key)]))
@@ -274,7 +431,15 @@ def _record_failure(store: Store, run_id: str, step: Step, key: str, attempt: in
     raise StepFailed(f"step {key} of run {run_id} failed: {error_type}: {message}")
 
 
-def _report_stage_progress(store: Store, run_id: str, flow: Flow, finished: int) -> None:
+def count_finished_unit(run_id: str, flow: Flow) -> int:
+    """Count one finished unit of the step's stage without holding its lock (a dispatcher recording a failure).
+
+    The same counter the lock release bumps; returns its new value.
+    """
+    return int(get_redis().hincrby(keys.stage_progress(run_id), str(flow["stage"]), 1))
+
+
+def report_stage_progress(store: Store, run_id: str, flow: Flow, finished: int) -> None:
     # Write the percent only when its whole number moves: a 1,000-item fan-out
     # makes at most 100 such writes, not 1,000.
     now_pct, before = stage_percent(flow, finished), stage_percent(flow, finished - 1)

@@ -12,16 +12,24 @@ import logging
 import os
 import threading
 
+from haulage.settings import get_settings
 from progress.models import RunUpdate, now
 from progress.store import Store
-from tasks.lock import LIVENESS_MS, StepLock
+from tasks.lock import StepLock
 
 log = logging.getLogger("haulage.heartbeat")
 
-#: seconds between beats; well inside the liveness window
-INTERVAL = LIVENESS_MS / 1000 / 3
-#: beats between writes of a run document's heartbeat field
-RUN_EVERY = 4
+
+def intervals() -> tuple[float, int]:
+    """Seconds between beats (a third of the lock liveness), and beats between run-heartbeat writes.
+
+    The run's heartbeat is written at least three times per HAULAGE_STALE_AFTER,
+    and at most every 20 s, so the reaper never mistakes a long step for a dead one.
+    """
+    s = get_settings()
+    beat = s.lock_liveness / 3
+    run_every = max(1, int(min(20.0, s.stale_after / 3) // beat))
+    return beat, run_every
 
 
 class _Beater:
@@ -47,7 +55,8 @@ class _Beater:
     def _run(self) -> None:
         beats = 0
         stop = threading.Event()
-        while not stop.wait(INTERVAL):
+        interval, run_every = intervals()
+        while not stop.wait(interval):
             beats += 1
             with self.mutex:
                 entries = list(self.active.values())
@@ -58,7 +67,7 @@ class _Beater:
                 except Exception as exc:  # a missed beat must not kill the step; the next may succeed
                     log.warning("heartbeat of %s failed: %s", lock.key, exc)
                 runs[run_id] = store
-            if beats % RUN_EVERY:
+            if beats % run_every:
                 continue
             for run_id, store in runs.items():
                 try:

@@ -8,19 +8,22 @@ from typing import Any
 from celery import chain, group
 from celery.canvas import Signature
 
-from dispatch.routing import queue_for
+from dispatch.dispatcher import signature_for
 from haulage.errors import HaulageError, PlanError
 from haulage.jsonutil import dumps
 from progress import get_store
-from progress.models import ACTIVE, Checkpoint, Event, RunStatus, RunUpdate, now
+from progress.models import Checkpoint, Event, RunStatus, RunUpdate, now
 from tasks.app import app
 from tasks.durable import build_input, fail_run, input_keys, mark_processing, policy_blocks, results_summary
+from tasks.ending import end_run
 from tasks.flow import Flow, skipped_ref
 from tasks.results import Results
 from tasks.step import get_step
 
 log = logging.getLogger("haulage.internal")
 
+#: seconds between looks while waiting for a coalescing store's counters to land
+SETTLE_POLL = 0.5
 #: the checkpoint key of a run's final value
 RESULT_KEY = "end"
 #: a final value up to this size (JSON characters) is copied into the run document's summary
@@ -49,7 +52,7 @@ def item_signature(run_id: str, spec: dict[str, Any], flow: Flow, index: int, it
             "item_params": item,
         }
         key = item_key(flow["stage"], n, len(subs), step.name, index)
-        sigs.append(step.task.s(run_id=run_id, key=key, params=params, flow=item_flow).set(queue=queue_for(step)))
+        sigs.append(signature_for(step, run_id=run_id, key=key, params=params, flow=item_flow))
     return sigs[0] if len(sigs) == 1 else chain(*sigs)
 
 
@@ -76,8 +79,9 @@ def expand_fan_out(task: Any, *args: Any, run_id: str, key: str, spec: dict[str,
             run_id,
             RunUpdate(
                 incr={"steps.total": len(items) * subs},
-                events=[Event(now(), "fan-out", f"fan-out over {len(items)} item(s) of {spec['steps'][0]['step']}",
-                              key)],  # fmt: skip
+                events=[
+                    Event(now(), "fan-out", f"fan-out over {len(items)} item(s) of {spec['steps'][0]['step']}", key)
+                ],  # fmt: skip
             ),
         )
     if not items:
@@ -103,13 +107,18 @@ def _check_items(items: Any, spec: dict[str, Any], flow: Flow) -> list[dict[str,
 
 
 @app.task(name="haulage.finish", bind=True, typing=False, max_retries=None)
-def finish_run(task: Any, *args: Any, run_id: str, flow: Flow) -> Any:
+def finish_run(task: Any, *args: Any, run_id: str, flow: Flow, settled_for: float = 0.0) -> Any:
     """Record the run's final value and end it COMPLETE (or FAILED under on_failure="fail")."""
     store = get_store()
     prev = args[0] if args else None
     status, cps = store.load_step_state(run_id, input_keys(flow, prev))
     if status is None or status.terminal:
         return None
+    if settled_for < store.settle_seconds and not _counters_landed(store, run_id):
+        # A coalescing store (Firestore) may still hold other workers' counter updates;
+        # the final document should show them, so wait for them, briefly.
+        raise task.retry(countdown=SETTLE_POLL, kwargs={"run_id": run_id, "flow": flow,
+                                                        "settled_for": settled_for + SETTLE_POLL})  # fmt: skip
     inputs, results = build_input(flow, prev, cps)
     if policy_blocks(store, run_id, flow, results, RESULT_KEY):
         return None
@@ -117,16 +126,21 @@ def finish_run(task: Any, *args: Any, run_id: str, flow: Flow) -> Any:
     store.put_checkpoint(run_id, Checkpoint(RESULT_KEY, RESULT_KEY, final))
     summary = _summary(final, results)
     message = "complete" if results is None or results.ok else f"complete with {len(results.failures)} failure(s)"
-    store.transition(
+    end_run(
+        store,
         run_id,
         RunStatus.COMPLETE,
-        allowed_from=ACTIVE,
-        update=RunUpdate(
+        RunUpdate(
             set={"result": summary, "percent": 100.0, "message": message, "finished_at": now()},
             events=[Event(now(), "complete", message)],
         ),
     )
     return None
+
+
+def _counters_landed(store: Any, run_id: str) -> bool:
+    run = store.get_run(run_id)
+    return run is None or run.steps.done + run.steps.failed >= run.steps.total
 
 
 def _summary(final: Any, results: Results | None) -> Any:

@@ -33,7 +33,7 @@ class Ledger:
         self.client.sadd(self.key, str(item_id))
 
     def count(self) -> int:
-        return int(self.client.scard(self.key))  # type: ignore[arg-type]
+        return int(self.client.scard(self.key))
 
     def pending(self, items: Iterable[T], key: Callable[[T], Any] = str) -> Iterator[T]:
         """Yield the items not yet done; each is marked when the caller asks for the next one (or the loop ends)."""

@@ -42,8 +42,11 @@ if ARGV[2] ~= '' then count = redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
 return {released, count}
 """
 
-#: milliseconds a holder's liveness key lives without a heartbeat
-LIVENESS_MS = 15_000
+def liveness_ms() -> int:
+    """Milliseconds a holder's liveness key lives without a heartbeat (HAULAGE_LOCK_LIVENESS)."""
+    from haulage.settings import get_settings
+
+    return int(get_settings().lock_liveness * 1000)
 
 
 _acquire_script: Any = None
@@ -72,7 +75,7 @@ class StepLock:
     def acquire(self) -> bool:
         try:
             acquire, _ = _scripts(self.client)
-            got = int(acquire(keys=[self.key], args=[self.token, self.ttl_ms, LIVENESS_MS, keys.lock_alive("")]))
+            got = int(acquire(keys=[self.key], args=[self.token, self.ttl_ms, liveness_ms(), keys.lock_alive("")]))
         except redis.RedisError as exc:
             raise LockUnavailable(f"cannot take step lock {self.key}: {exc}") from exc
         self.held = got > 0
@@ -81,7 +84,7 @@ class StepLock:
 
     def keep_alive(self) -> None:
         """Refresh the liveness key (called by the step's heartbeat thread)."""
-        self.client.set(keys.lock_alive(self.token), "1", px=LIVENESS_MS)
+        self.client.set(keys.lock_alive(self.token), "1", px=liveness_ms())
 
     def release(self, count_stage: int | None = None) -> int:
         """Release the lock; when ``count_stage`` is given, also count one finished unit of that stage.

@@ -12,6 +12,8 @@ from haulage.jsonutil import check_serializable
 from tasks.retry import RetryPolicy
 
 RUNTIMES = ("short", "long")
+#: where a step may be pinned with ``dispatch=``; None follows its runtime and HAULAGE_DISPATCH_MODE
+DISPATCH = ("local", "cloudrun")
 
 _steps: dict[str, Step] = {}
 
@@ -39,6 +41,7 @@ class Step:
         rate_limit: str | None,
         queue: str | None,
         no_retry_on: tuple[type[BaseException], ...],
+        dispatch: str | None = None,
     ) -> None:
         self.func = func
         self.name = name
@@ -49,6 +52,7 @@ class Step:
         self.rate_limit = rate_limit
         self.queue = queue
         self.no_retry_on = no_retry_on
+        self.dispatch = dispatch
         self.signature = inspect.signature(func)
         params = list(self.signature.parameters.values())
         if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
@@ -133,8 +137,12 @@ def _register_task(step: Step) -> Any:
         max_retries=None,  # attempts are counted by Haulage's policy, not Celery's
         queue=queue_for(step),
         soft_time_limit=step.soft_timeout,
-        time_limit=step.hard_timeout,
+        # Always a hard limit (HAULAGE_DEFAULT_HARD_TIMEOUT when the step sets none): the step
+        # lock's TTL is derived from it, and must outlive any run of the step.
+        time_limit=step.hard_limit,
         rate_limit=step.rate_limit,
+        # A hard timeout gives the message back instead of failing it (see tasks/timeouts.py).
+        Request="tasks.timeouts:StepRequest",
     )
 
 
@@ -152,6 +160,7 @@ def step(
     rate_limit: str | None = None,
     queue: str | None = None,
     no_retry_on: tuple[type[BaseException], ...] = (),
+    dispatch: str | None = None,
 ) -> Any:
     """Declare a durable step.
 
@@ -167,6 +176,8 @@ def step(
     SoftTimeLimitExceeded in the step so it can clean up). ``rate_limit``:
     Celery's form, e.g. "10/m", per worker. ``queue``: overrides the runtime's
     queue. ``no_retry_on``: exception types that fail the step at once.
+    ``dispatch``: "local" or "cloudrun" pins where the step runs whatever its
+    runtime and HAULAGE_DISPATCH_MODE say (None: follow them).
     """
 
     def decorate(f: Callable[..., Any]) -> Step:
@@ -174,6 +185,8 @@ def step(
         where = f"step {step_name!r}"
         if runtime not in RUNTIMES:
             raise ConfigError(f"{where}: runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        if dispatch is not None and dispatch not in DISPATCH:
+            raise ConfigError(f"{where}: dispatch must be one of {', '.join(DISPATCH)} or None, got {dispatch!r}")
         if retries < 0:
             raise ConfigError(f"{where}: retries must be 0 or more, got {retries}")
         if backoff < 0 or backoff_max < 0:
@@ -202,6 +215,7 @@ def step(
             rate_limit=rate_limit,
             queue=queue,
             no_retry_on=tuple(no_retry_on),
+            dispatch=dispatch,
         )
         _steps[step_name] = s
         return s

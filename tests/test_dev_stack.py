@@ -43,10 +43,11 @@ def test_demo_runs_the_example_end_to_end(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "redis://127.0.0.1:" in out.stdout and "worker:long" in out.stdout
     assert "100.0% COMPLETE" in out.stdout
+    assert "ran on    cloudrun 6, local 2" in out.stdout  # each page in its own Cloud Run execution
     assert '"verdict": "revise and resubmit"' in out.stdout
     assert "stack stopped" in out.stdout
     pids = pids_in(out.stdout)
-    assert len(pids) == 6  # redis, three workers, beat, flower
+    assert len(pids) == 7  # redis, the Cloud Run server, three workers, beat, flower
     wait_until(lambda: not any(alive(p) for p in pids), timeout=10, what="every child to be gone")
     assert list((tmp_path / "dev" / "redis").rglob("*.aof*")), "redis runs with its append-only file"
 
@@ -60,10 +61,12 @@ def test_dev_serves_restarts_and_stops(tmp_path: Path) -> None:
     try:
         wait_until(lambda: "ready" in log.read_text(), timeout=90, what="haulage dev to be ready")
         text = log.read_text()
-        url = re.search(r"HAULAGE_REDIS_URL=(\S+) HAULAGE_MODULES=(\S+)", text)
-        assert url is not None
-        # What `haulage dev` prints is all a client needs.
-        client_env = {**env, "HAULAGE_REDIS_URL": url.group(1), "HAULAGE_MODULES": url.group(2)}
+        env_file = re.search(r"source (\S+)", text)
+        assert env_file is not None
+        # The file `haulage dev` names is all a client needs.
+        exports = dict(re.findall(r"^export (\w+)=(.*)$", Path(env_file.group(1)).read_text(), re.M))
+        assert exports["HAULAGE_REDIS_URL"].startswith("redis://127.0.0.1:")
+        client_env = {**env, **exports}
         run = subprocess.run([sys.executable, "-m", "cli", "run", "bulk_invoices", "-p",
                               'invoices=[{"invoice_id":"A","amount":"10","currency":"EUR","country":"DE"}]',
                               "--wait", "--timeout", "60"],

@@ -24,9 +24,14 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 def spawn(args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "cli", *args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -65,8 +70,9 @@ def test_flower_lists_steps_with_run_ids(worker: WorkerProcess, tmp_path: Path) 
         assert all(t["state"] == "SUCCESS" for t in seen)
         assert all("'key':" in str(t["kwargs"]) for t in seen)  # the step key is visible too
         metrics = get(f"{base}/metrics")
-        succeeded = re.findall(r'flower_events_total\{[^}]*task="t_chain\.double"[^}]*type="task-succeeded"[^}]*\} (\S+)',
-                               metrics)  # fmt: skip
+        succeeded = re.findall(
+            r'flower_events_total\{[^}]*task="t_chain\.double"[^}]*type="task-succeeded"[^}]*\} (\S+)', metrics
+        )
         assert succeeded and float(succeeded[0]) >= 2
     finally:
         stop(flower)
@@ -98,8 +104,11 @@ def test_two_beats_start_one_run_per_tick(worker: WorkerProcess, tmp_path: Path)
     assert all(n == 1 for n in ticks.values())  # one run per tick
     numbers = sorted(int(k.rsplit(":", 1)[1]) for k in ticks)  # type: ignore[union-attr]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # consecutive: none doubled, none lost
-    fired = len(re.findall(r"Scheduler: Sending due task workflow:t_tick",
-                           "".join(p.read_text() for p in tmp_path.glob("beat*.log"))))  # fmt: skip
+    fired = len(
+        re.findall(
+            r"Scheduler: Sending due task workflow:t_tick", "".join(p.read_text() for p in tmp_path.glob("beat*.log"))
+        )
+    )
     assert fired >= len(runs)
     for run in runs:
         assert run.tags == ["scheduled", "workflow:t_tick"] and run.created_by == "haulage-beat"

@@ -66,11 +66,26 @@ def firestore_env(redis_server: str, tmp_path: Path) -> Iterator[dict[str, str]]
 
 def test_cli_progress_bar_on_firestore(firestore_env: dict[str, str]) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "cli", "run", "t_progress", "-p", "stages=6", "-p", "pause=0.4", "--watch",
-         "--created-by", "ana@example.com"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **firestore_env},
-        capture_output=True, text=True, timeout=90,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "run",
+            "t_progress",
+            "-p",
+            "stages=6",
+            "-p",
+            "pause=0.4",
+            "--watch",
+            "--created-by",
+            "ana@example.com",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **firestore_env},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     bars = [line for line in out.stdout.splitlines() if line.startswith("[")]
     assert len(bars) >= 3, out.stdout  # the bar moved while the run ran
@@ -96,8 +111,16 @@ def _token(uid: str, project: str, email: str | None = None) -> str:
     def b64(data: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
 
-    claims = {"sub": uid, "user_id": uid, "aud": project, "iss": f"https://securetoken.google.com/{project}",
-              "iat": 1, "exp": 9999999999, "auth_time": 1, "firebase": {"sign_in_provider": "password"}}  # fmt: skip
+    claims = {
+        "sub": uid,
+        "user_id": uid,
+        "aud": project,
+        "iss": f"https://securetoken.google.com/{project}",
+        "iat": 1,
+        "exp": 9999999999,
+        "auth_time": 1,
+        "firebase": {"sign_in_provider": "password"},
+    }
     if email:
         claims["email"] = email
     return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}."
@@ -114,8 +137,9 @@ def _get(url: str, token: str | None) -> int:
 
 def _patch(url: str, token: str) -> int:
     body = json.dumps({"fields": {"status": {"stringValue": "COMPLETE"}}}).encode()
-    request = urllib.request.Request(url, data=body, method="PATCH",
-                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        url, data=body, method="PATCH", headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
             return int(reply.status)

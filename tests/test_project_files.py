@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests.conftest import ROOT
 
-SOURCES = [p for d in ("haulage", "tasks", "workflows", "dispatch", "progress", "cli", "api") for p in (ROOT / d).rglob("*.py")]
+SOURCES = [
+    p for d in ("haulage", "tasks", "workflows", "dispatch", "progress", "cli", "api") for p in (ROOT / d).rglob("*.py")
+]
 SOURCES.append(ROOT / "celeryconfig.py")
 #: variables read by libraries Haulage drives, set in deployments on purpose
 THIRD_PARTY = {"FIRESTORE_EMULATOR_HOST", "FLOWER_UNAUTHENTICATED_API", "GOOGLE_CLOUD_PROJECT"}

@@ -242,7 +242,9 @@ def test_retention_removes_only_old_finished_runs(store: Store, monkeypatch: pyt
     for run in (old, recent, active):
         store.create_run(run)
     store.put_checkpoint(old.id, Checkpoint("0:a", "a", 1))
-    store.transition(old.id, RunStatus.COMPLETE, allowed_from=ACTIVE, update=RunUpdate(set={"finished_at": now() - 7200}))
+    store.transition(
+        old.id, RunStatus.COMPLETE, allowed_from=ACTIVE, update=RunUpdate(set={"finished_at": now() - 7200})
+    )
     store.transition(recent.id, RunStatus.FAILED, allowed_from=ACTIVE, update=RunUpdate(set={"finished_at": now()}))
     removed = purge_finished(older_than_seconds=3600)
     assert old.id in removed and recent.id not in removed and active.id not in removed

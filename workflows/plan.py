@@ -13,7 +13,7 @@ from typing import Any
 from celery import chain as celery_chain
 from celery.canvas import Signature
 
-from dispatch.routing import queue_for
+from dispatch.dispatcher import signature_for
 from haulage.errors import PlanError
 from haulage.jsonutil import check_serializable
 from tasks.flow import Flow, InputKind
@@ -103,9 +103,7 @@ def as_plan(value: Any, workflow: str) -> Chain:
         return value
     if isinstance(value, (Step, StepCall, FanOut)):
         return chain(value)
-    raise PlanError(
-        f"workflow {workflow!r} must return chain(...), fan_out(...) or a step, got {type(value).__name__}"
-    )
+    raise PlanError(f"workflow {workflow!r} must return chain(...), fan_out(...) or a step, got {type(value).__name__}")
 
 
 def compile_plan(plan: Chain, *, run_id: str, workflow: str, on_failure: str) -> tuple[Signature, int]:
@@ -125,7 +123,7 @@ def compile_plan(plan: Chain, *, run_id: str, workflow: str, on_failure: str) ->
             step = stage.step
             step.check_kwargs(stage.kwargs, takes_input=i > 0, where=f"stage {i}")
             key = f"{i}:{step.name}"
-            sigs.append(step.task.s(run_id=run_id, key=key, params=stage.kwargs, flow=flow).set(queue=queue_for(step)))
+            sigs.append(signature_for(step, run_id=run_id, key=key, params=stage.kwargs, flow=flow))
             known += 1
             continue
         if stage.items is None and i == 0:

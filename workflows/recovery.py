@@ -12,10 +12,10 @@ HAULAGE_REAPER_INTERVAL seconds.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
-from haulage.errors import ConfigError, HaulageError
+from haulage.errors import HaulageError
+from haulage.settings import get_settings
 from progress import get_store
 from progress.models import ACTIVE, Event, RunStatus, RunUpdate, StepStatus, now
 from tasks.app import app
@@ -29,27 +29,12 @@ log = logging.getLogger("haulage.reaper")
 RETRY_GRACE = 60.0
 
 
-def _setting(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be more than 0, got {raw!r}")
-    return value
-
-
 def stale_after() -> float:
-    return _setting("HAULAGE_STALE_AFTER", 600.0)
+    return get_settings().stale_after
 
 
 def max_recoveries() -> int:
-    return int(_setting("HAULAGE_MAX_RECOVERIES", 3.0))
-
-
-def reaper_interval() -> float:
-    return _setting("HAULAGE_REAPER_INTERVAL", 60.0)
+    return get_settings().max_recoveries
 
 
 @dataclass
@@ -103,6 +88,6 @@ def reap_task() -> dict[str, list[str]]:
 
 MAINTENANCE["haulage:reaper"] = {
     "task": "haulage.reap",
-    "schedule": reaper_interval(),
-    "options": {"queue": "short", "expires": reaper_interval()},
+    "schedule": get_settings().reaper_interval,
+    "options": {"queue": "short", "expires": get_settings().reaper_interval},
 }

@@ -11,17 +11,17 @@ import logging
 
 from haulage import keys
 from haulage.redis_client import get_redis
+from haulage.settings import get_settings
 from progress import get_store
 from progress.models import TERMINAL, now
 from tasks.app import app
-from workflows.recovery import _setting
 from workflows.schedules import MAINTENANCE
 
 log = logging.getLogger("haulage.retention")
 
 
 def retention_days() -> float:
-    return _setting("HAULAGE_RETENTION_DAYS", 30.0)
+    return get_settings().retention_days
 
 
 def purge_finished(*, older_than_seconds: float | None = None, batch: int = 10_000) -> list[str]:
@@ -50,6 +50,6 @@ def retention_task() -> int:
 
 MAINTENANCE["haulage:retention"] = {
     "task": "haulage.retention",
-    "schedule": _setting("HAULAGE_RETENTION_INTERVAL", 3600.0),
+    "schedule": get_settings().retention_interval,
     "options": {"queue": "short"},
 }

@@ -151,6 +151,9 @@ def cancel_run(run_id: str) -> bool:
         ),
     )
     if cancelled:
+        from dispatch.dispatcher import cancel_executions
+
+        cancel_executions(run_id)  # Cloud Run executions stop now, not at their driver's next poll
         # Steps check the status before they start; revoking what is queued also
         # keeps workers from picking those messages up at all.
         waiting = [s.task_id for s in store.list_steps(run_id) if s.status is StepStatus.QUEUED and s.task_id]
