@@ -52,9 +52,10 @@ result_backend_transport_options = {
 }
 result_expires = 24 * 3600
 
-# Operators follow tasks in Flower.
+# Operators follow tasks in Flower. No "task-sent" events: they carry the real task name,
+# and arriving late they would overwrite the readable "workflow.step" (shadow) name.
 worker_send_task_events = True
-task_send_sent_event = True
+task_send_sent_event = False
 task_track_started = True
 
 imports = (

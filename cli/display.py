@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 import sys
 import time
+from collections import Counter
 from typing import Any, TextIO
 
 from progress.models import RunRecord, StepRecord

@@ -384,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from haulage.logs import configure
+
+    configure(logging.WARNING if args.command not in ("worker", "beat", "flower") else None)
     try:
         return int(args.func(args))
     except HaulageError as exc:

@@ -152,9 +152,9 @@ class Stack:
                       where=f"local Cloud Run Jobs server at 127.0.0.1:{port}, job {job}")  # fmt: skip
         child.ready = lambda: self._wait_port(child, port)
         self._launch(child)
+        poll = os.environ.get("HAULAGE_CLOUDRUN_POLL_INTERVAL", "0.5")
         os.environ.update({"HAULAGE_DISPATCH_MODE": "cloudrun", "HAULAGE_CLOUDRUN_ENDPOINT": f"127.0.0.1:{port}",
-                           "HAULAGE_CLOUDRUN_JOB": job,
-                           "HAULAGE_CLOUDRUN_POLL_INTERVAL": os.environ.get("HAULAGE_CLOUDRUN_POLL_INTERVAL", "0.5")})  # fmt: skip
+                           "HAULAGE_CLOUDRUN_JOB": job, "HAULAGE_CLOUDRUN_POLL_INTERVAL": poll})  # fmt: skip
 
     def write_client_env(self) -> Path:
         """A file of `export` lines that points a shell's `haulage` commands at this stack."""

@@ -41,6 +41,7 @@ from dispatch import handoff
 from dispatch.cloudrun import ENV_ATTEMPT, ENV_JOB, ENV_JOB_NAME, ENV_RUN_ID, ENV_STEP_KEY
 from dispatch.routing import CLOUDRUN
 from haulage.errors import HaulageError, JobError, LockUnavailable, ModuleLoadError
+from haulage.logs import configure
 from haulage.settings import get_settings
 from progress import get_store
 from progress.store import Store
@@ -184,7 +185,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main(environ: Mapping[str, str] | None = None) -> int:
     """Run the step named by the environment; return the exit status (0 done, 1 failed)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(logging.INFO)
     started = time.monotonic()
     try:
         env = JobEnv.from_environ(os.environ if environ is None else environ)

@@ -33,6 +33,7 @@ from haulage.errors import (
     StepResultNotSerializable,
 )
 from haulage.jsonutil import check_serializable
+from haulage.logs import step_scope
 from haulage.redis_client import get_redis
 from haulage.settings import get_settings
 from progress import get_store
@@ -277,7 +278,8 @@ class Attempt:
             ctx = StepContext(store, run_id=run_id, step_key=key, step_name=step.name, attempt=self.attempt,
                               flow=flow, backend=self.backend)  # fmt: skip
             try:
-                with Heartbeat(lock, store, run_id):
+                with Heartbeat(lock, store, run_id), step_scope(run_id=run_id, step_key=key, attempt=self.attempt,
+                                                                backend=self.backend):  # fmt: skip
                     value = step.func(ctx, *ready.inputs, **self.params)
                 reason = check_serializable(value)
                 if reason:

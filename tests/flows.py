@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -187,3 +188,15 @@ def ledgered(ctx: StepContext, n: int, fail_at: int) -> int:
 @workflow("t_ledger")
 def t_ledger(n: int, fail_at: int) -> Any:
     return chain(ledgered.s(n=n, fail_at=fail_at))
+
+
+@step(queue="crash")
+def chatty(ctx: StepContext, x: int) -> int:
+    logging.getLogger("haulage.app.chatty").info("working on %s", x)
+    ctx.log.warning("through the step's own logger: %s", x)
+    return x
+
+
+@workflow("t_chatty")
+def t_chatty(x: int) -> Any:
+    return chain(chatty.s(x=x))

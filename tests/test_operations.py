@@ -55,8 +55,10 @@ def test_flower_lists_steps_with_run_ids(worker: WorkerProcess, tmp_path: Path) 
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _ok(f"{base}/healthcheck"), timeout=30, what="flower to answer")
-        # Flower keeps only the events it sees: give its event consumer a moment to attach.
-        wait_until(lambda: _ok(f"{base}/api/workers"), timeout=30, what="flower's API")
+        # Flower keeps only the events it sees: wait until it has heard a worker's heartbeat.
+        wait_until(lambda: "flower_worker_online" in _text(f"{base}/metrics") and
+                   re.search(r"flower_worker_online\{[^}]*\} 1\.0", _text(f"{base}/metrics")),
+                   timeout=30, what="flower to receive events")
         run = registry.get("t_chain").start(x=2)
         assert run.wait(timeout=30).status is RunStatus.COMPLETE
 
@@ -64,8 +66,12 @@ def test_flower_lists_steps_with_run_ids(worker: WorkerProcess, tmp_path: Path) 
             tasks = json.loads(get(f"{base}/api/tasks"))
             return [t for t in tasks.values() if run.id in str(t.get("kwargs"))]
 
-        seen = wait_until(lambda: len(steps_seen()) >= 3 and steps_seen(), timeout=30, what="steps in /api/tasks")
-        names = sorted(t["name"] for t in seen if t["name"] != "haulage.finish")
+        def finished_steps() -> list[dict[str, Any]]:
+            found = [t for t in steps_seen() if not t["name"].startswith("haulage.") and t["state"] == "SUCCESS"]
+            return found if len(found) >= 3 else []
+
+        seen = wait_until(finished_steps, timeout=30, what="three finished steps in /api/tasks")
+        names = sorted(t["name"] for t in seen if not t["name"].startswith("haulage."))  # engine tasks aside
         assert names == ["t_chain.add", "t_chain.double", "t_chain.double"]
         assert all(t["state"] == "SUCCESS" for t in seen)
         assert all("'key':" in str(t["kwargs"]) for t in seen)  # the step key is visible too
@@ -76,6 +82,13 @@ def test_flower_lists_steps_with_run_ids(worker: WorkerProcess, tmp_path: Path) 
         assert succeeded and float(succeeded[0]) >= 2
     finally:
         stop(flower)
+
+
+def _text(url: str) -> str:
+    try:
+        return get(url)
+    except OSError:
+        return ""
 
 
 def _ok(url: str) -> bool:
@@ -118,3 +131,24 @@ def test_two_beats_start_one_run_per_tick(worker: WorkerProcess, tmp_path: Path)
 
 def _new_runs(before: set[str]) -> list[Any]:
     return [r for r in list_runs(workflow="t_tick", limit=1000) if r.id not in before]
+
+
+def test_step_logs_are_structured_json(worker: WorkerProcess, make_worker: Any) -> None:
+    w = make_worker(queues="crash", concurrency=1, extra_env={"HAULAGE_LOG_FORMAT": "json"})
+    w.start()
+    run = registry.get("t_chatty").start(x=42)
+    assert run.wait(timeout=30).status is RunStatus.COMPLETE
+
+    def lines() -> list[dict[str, Any]]:
+        out = []
+        for line in w.log_path.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return [e for e in out if "42" in e.get("message", "")]
+
+    entries = wait_until(lambda: len(lines()) >= 2 and lines(), timeout=10, what="the step's log lines")
+    for entry in entries:
+        assert entry["run_id"] == run.id and entry["step_key"] == "0:chatty"
+        assert entry["attempt"] == 1 and entry["backend"] == "local"
+        assert entry["severity"] in ("INFO", "WARNING") and entry["logger"].startswith("haulage.")
+        assert entry["logging.googleapis.com/labels"] == {"run_id": run.id}
