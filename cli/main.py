@@ -209,6 +209,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    _load()
+    from api.server import main as api_main
+
+    return api_main(["--host", args.host, "--port", str(args.port), "--log-level", args.log_level])
+
+
 def cmd_beat(args: argparse.Namespace) -> int:
     _load()
     from tasks.app import app
@@ -262,6 +269,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         env_file = stack.write_client_env()
         print(f"haulage dev: ready. HAULAGE_REDIS_URL={stack.redis_url} HAULAGE_MODULES={stack.modules}")
         print(f"haulage dev: Flower at {stack.flower_url}")
+        print(f"haulage dev: progress page at {stack.page_url}")
         print(f"haulage dev: to use this stack from another shell: source {env_file}")
         print("haulage dev: Ctrl-C stops everything")
         watcher = threading.Thread(target=stack.supervise, daemon=True)
@@ -326,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=["prefork", "threads", "solo"])
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("api", help="serve the HTTP API and the live progress page (auth: HAULAGE_API_AUTH)")
+    p.add_argument("--host", default=os.environ.get("HAULAGE_API_HOST") or "127.0.0.1")
+    p.add_argument("--port", type=int, default=int(os.environ.get("HAULAGE_API_PORT") or 8000))
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("beat", help="run Celery beat (Redis-locked) for scheduled workflows and maintenance jobs")
     p.add_argument("--loglevel", default="INFO")

@@ -85,6 +85,7 @@ class Stack:
         self.stopping = threading.Event()
         self.redis_url = os.environ.get("HAULAGE_REDIS_URL", "")
         self.flower_url = ""
+        self.page_url = ""
         self.store = store
         self.dispatch = dispatch
         self._stop_emulator: Callable[[], None] | None = None
@@ -141,6 +142,7 @@ class Stack:
                        logs / "flower.log", flower_env, where=self.flower_url)  # fmt: skip
         flower.ready = lambda: self._wait_port(flower, flower_port)
         self._launch(flower)
+        self._start_api(logs)
 
     def _start_cloudrun(self, logs: Path) -> None:
         """The local Cloud Run Jobs server; long steps run as its executions, as they would on Cloud Run."""
@@ -155,6 +157,18 @@ class Stack:
         poll = os.environ.get("HAULAGE_CLOUDRUN_POLL_INTERVAL", "0.5")
         os.environ.update({"HAULAGE_DISPATCH_MODE": "cloudrun", "HAULAGE_CLOUDRUN_ENDPOINT": f"127.0.0.1:{port}",
                            "HAULAGE_CLOUDRUN_JOB": job, "HAULAGE_CLOUDRUN_POLL_INTERVAL": poll})  # fmt: skip
+
+    def _start_api(self, logs: Path) -> None:
+        """The HTTP service in development mode, with a fresh token; the page address signs in with it."""
+        from api.server import dev_environment, page_url
+
+        port = int(os.environ.get("HAULAGE_DEV_API_PORT") or _port_or_free(8000))
+        api_env = {**self.env(), **dev_environment()}
+        self.page_url = page_url("127.0.0.1", port, api_env["HAULAGE_API_DEV_TOKEN"])
+        child = Child("api", [sys.executable, "-m", "cli", "api", "--port", str(port)], logs / "api.log", api_env,
+                      where=f"http://127.0.0.1:{port} (OpenAPI at /docs)")  # fmt: skip
+        child.ready = lambda: self._wait_port(child, port)
+        self._launch(child)
 
     def write_client_env(self) -> Path:
         """A file of `export` lines that points a shell's `haulage` commands at this stack."""

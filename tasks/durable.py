@@ -229,20 +229,19 @@ class Attempt:
     def previous_attempt_died(self, store: Store) -> Any:
         """After a lock takeover: count the dead holder's attempt against the retries.
 
-        A hard time limit (recorded by tasks.timeouts) or a killed worker ends an
+        A killed worker (SIGKILL, OOM, a lost machine) ends an
         attempt without an exception anyone could catch; its step record still
-        says RUNNING (or QUEUED with TimeLimitExceeded). Returns the failure
+        says RUNNING. Returns the failure
         reference when that was the last attempt allowed, else None and this
         delivery runs as the next attempt.
         """
         prev = store.get_step(self.run_id, self.key)
-        if prev is None or prev.status not in (StepStatus.RUNNING, StepStatus.QUEUED) or prev.attempt < self.attempt:
+        if prev is None or prev.status is not StepStatus.RUNNING or prev.attempt < self.attempt:
             return None
-        error_type = prev.error_type if prev.error_type == "TimeLimitExceeded" else "WorkerLost"
-        message = prev.error if error_type == "TimeLimitExceeded" else "the process running the step died"
+        error_type, message = "WorkerLost", "the process running the step died"
         if self.step.policy.exhausted(prev.attempt):
             self.counted = self.flow["stage"]
-            return record_failure(store, self.run_id, self.step, self.key, prev.attempt, error_type, message or "",
+            return record_failure(store, self.run_id, self.step, self.key, prev.attempt, error_type, message,
                                   self.params, self.flow, backend=self.backend, note=self.note)  # fmt: skip
         self.attempt = prev.attempt + 1
         store.update_run(self.run_id, RunUpdate(events=[Event(
@@ -275,6 +274,12 @@ class Attempt:
                 dead = self.previous_attempt_died(store)
                 if dead is not None:
                     return dead
+            last_error = flow.get("last_error")
+            if last_error and step.policy.exhausted(self.attempt - 1):
+                # The previous attempt was killed at its hard time limit and it was the last one allowed.
+                self.counted = flow["stage"]
+                return record_failure(store, run_id, step, key, self.attempt - 1, last_error[0], last_error[1],
+                                      self.params, flow, backend=self.backend, note=self.note)  # fmt: skip
             ctx = StepContext(store, run_id=run_id, step_key=key, step_name=step.name, attempt=self.attempt,
                               flow=flow, backend=self.backend)  # fmt: skip
             try:

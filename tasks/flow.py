@@ -22,6 +22,7 @@ class Flow(TypedDict):
     input: InputKind  #: what the previous stage passes: nothing, a value, or fan-out results
     on_failure: str
     attempt: int
+    last_error: NotRequired[list[str]]  #: [type, message] of an attempt killed at its hard time limit
     item_params: NotRequired[dict[str, Any]]  #: the fan-out item as given, reported with its failure
 
 

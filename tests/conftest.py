@@ -27,6 +27,7 @@ os.environ["HAULAGE_REDIS_URL"] = f"redis://127.0.0.1:{_PORT}/0"
 os.environ["HAULAGE_MODULES"] = "tests.flows,workflows.examples,tests.dispatch_flows"
 os.environ.setdefault("HAULAGE_MAX_COUNTDOWN", "2")
 os.environ.setdefault("HAULAGE_VISIBILITY_TIMEOUT", "60")
+os.environ.setdefault("HAULAGE_LOCK_LIVENESS", "3")
 os.environ.pop("HAULAGE_STORE", None)
 
 

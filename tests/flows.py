@@ -200,3 +200,29 @@ def chatty(ctx: StepContext, x: int) -> int:
 @workflow("t_chatty")
 def t_chatty(x: int) -> Any:
     return chain(chatty.s(x=x))
+
+
+@step(queue="crash", retries=2, hard_timeout=2)
+def hang_once(ctx: StepContext, x: int) -> int:
+    """The first attempt hangs past its hard timeout; later ones return."""
+    if count(f"hang:{ctx.run_id}") == 1:
+        time.sleep(60)
+    return x
+
+
+@workflow("t_hang")
+def t_hang(x: int) -> Any:
+    return chain(hang_once.s(x=x))
+
+
+@step(retries=1, backoff=30)
+def backoff_once(ctx: StepContext, key: str) -> str:
+    """Fails once, then waits out a long backoff (capped by HAULAGE_MAX_COUNTDOWN)."""
+    if count(f"backoff:{key}") == 1:
+        raise ConnectionError("first attempt fails")
+    return "ok"
+
+
+@workflow("t_backoff")
+def t_backoff(key: str) -> Any:
+    return chain(backoff_once.s(key=key))

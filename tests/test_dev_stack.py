@@ -47,7 +47,7 @@ def test_demo_runs_the_example_end_to_end(tmp_path: Path) -> None:
     assert '"verdict": "revise and resubmit"' in out.stdout
     assert "stack stopped" in out.stdout
     pids = pids_in(out.stdout)
-    assert len(pids) == 7  # redis, the Cloud Run server, three workers, beat, flower
+    assert len(pids) == 8  # redis, the Cloud Run server, three workers, beat, flower, api
     wait_until(lambda: not any(alive(p) for p in pids), timeout=10, what="every child to be gone")
     assert list((tmp_path / "dev" / "redis").rglob("*.aof*")), "redis runs with its append-only file"
 

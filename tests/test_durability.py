@@ -19,6 +19,7 @@ from workflows import registry
 pytestmark = pytest.mark.timeout(180)
 
 
+@pytest.mark.chaos
 def test_two_concurrent_deliveries_run_the_body_once(make_worker: Any, redis_client: Any) -> None:
     from tests.flows import slow_once
 
@@ -38,7 +39,8 @@ def test_two_concurrent_deliveries_run_the_body_once(make_worker: Any, redis_cli
     wait_until(lambda: redis_client.llen("crash") == 0, timeout=30, what="queue drained")
     wait_until(lambda: not redis_client.exists(f"haulage:lock:{run_id}:1:slow_once"), timeout=30, what="lock released")
     assert counts(redis_client, run_id) == {"1:slow_once": 1}
-    print(f"\nduplicate delivery: 2 deliveries, body ran {counts(redis_client, run_id)['1:slow_once']} time(s)")
+    print(f"\nchaos d: same message delivered twice at once, body ran {counts(redis_client, run_id)['1:slow_once']} "
+          "time(s)")  # fmt: skip
 
 
 def test_lock_fails_closed_when_redis_errs() -> None:

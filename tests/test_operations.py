@@ -144,7 +144,7 @@ def test_step_logs_are_structured_json(worker: WorkerProcess, make_worker: Any) 
         for line in w.log_path.read_text().splitlines():
             if line.startswith("{"):
                 out.append(json.loads(line))
-        return [e for e in out if "42" in e.get("message", "")]
+        return [e for e in out if e.get("message") in ("working on 42", "through the step's own logger: 42")]
 
     entries = wait_until(lambda: len(lines()) >= 2 and lines(), timeout=10, what="the step's log lines")
     for entry in entries:

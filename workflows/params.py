@@ -14,7 +14,7 @@ from haulage.errors import ConfigError, InvalidParams
 
 def params_model(name: str, func: Callable[..., Any]) -> type[BaseModel]:
     """A pydantic model of ``func``'s parameters; unknown names are rejected."""
-    hints = typing.get_type_hints(func)
+    hints = typing.get_type_hints(func, include_extras=True)  # keep Annotated[..., Field(...)] limits
     fields: dict[str, Any] = {}
     extra = "forbid"
     for p in inspect.signature(func).parameters.values():

@@ -1,0 +1,370 @@
+// Haulage live progress page: the caller's runs, each followed over GET /v1/runs/{id}/events.
+// Plain JS, no build step. All text goes through textContent (the CSP forbids inline script too).
+"use strict";
+
+const TOKEN_KEY = "haulage.token";
+// Browsers allow about 6 HTTP/1.1 connections per host; keep some for ordinary calls.
+const MAX_STREAMS = 4;
+const LIST_REFRESH_MS = 10000;
+const ACTIVE = new Set(["PENDING", "PROCESSING"]);
+
+const $ = (id) => document.getElementById(id);
+const streams = new Map(); // run id -> AbortController
+let me = null;
+let detailId = null;
+
+// --- token ------------------------------------------------------------
+function takeTokenFromFragment() {
+  // "#token=..." lets a dev tool open the page signed in; the fragment never reaches the server.
+  const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
+  if (m) {
+    localStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+}
+const token = () => localStorage.getItem(TOKEN_KEY);
+
+function signOut(message) {
+  localStorage.removeItem(TOKEN_KEY);
+  for (const c of streams.values()) c.abort();
+  streams.clear();
+  $("main").hidden = true;
+  $("signout").hidden = true;
+  $("who").textContent = "";
+  $("signin").hidden = false;
+  $("signin-error").textContent = message || "";
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const err = (body && body.error) || {};
+    let text = err.message || `HTTP ${status}`;
+    for (const f of err.fields || []) text += `\n  ${f.field}: ${f.message}`;
+    super(text);
+    this.status = status;
+  }
+}
+
+async function api(path, options = {}) {
+  const headers = { Authorization: `Bearer ${token()}`, ...(options.headers || {}) };
+  if (options.body !== undefined) headers["Content-Type"] = "application/json";
+  const res = await fetch(path, { ...options, headers });
+  const body = res.headers.get("content-type")?.includes("json") ? await res.json() : null;
+  if (res.status === 401) {
+    signOut((body && body.error && body.error.message) || "Your token was refused.");
+    throw new ApiError(401, body);
+  }
+  if (!res.ok) throw new ApiError(res.status, body);
+  return body;
+}
+
+// --- formatting -------------------------------------------------------
+const pct = (doc) => Math.max(0, Math.min(100, Number(doc.percent) || 0));
+const totalUsd = (doc) => Object.values(doc.cost || {}).reduce((s, c) => s + (c.usd || 0), 0);
+const usd = (v) => `$${v.toFixed(v >= 1 ? 2 : 4)}`;
+const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "—");
+const clock = (t) => new Date(t * 1000).toLocaleTimeString();
+function steps(doc) {
+  const s = doc.steps || {};
+  return `${s.done || 0}/${s.total || 0}` + (s.failed ? ` (${s.failed} failed)` : "");
+}
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+function setBar(bar, doc) {
+  const p = pct(doc);
+  bar.dataset.percent = String(p);
+  bar.dataset.status = doc.status;
+  bar.querySelector(".fill").style.width = `${p}%`;
+  bar.querySelector(".label").textContent = `${Math.round(p)}%`;
+}
+function setStatus(node, status) {
+  node.className = `status ${status}`;
+  node.textContent = status;
+}
+
+// --- the list -----------------------------------------------------------
+function rowFor(id) {
+  let row = document.querySelector(`tr.run[data-run-id="${CSS.escape(id)}"]`);
+  if (row) return row;
+  row = el("tr", "run");
+  row.dataset.runId = id;
+  const cells = ["workflow", "id", "state", "progress", "message", "steps", "cost", "started"];
+  for (const c of cells) row.appendChild(el("td", c));
+  row.querySelector(".state").appendChild(el("span", "status"));
+  const bar = el("div", "bar");
+  bar.append(el("div", "fill"), el("span", "label"));
+  row.querySelector(".progress").appendChild(bar);
+  row.addEventListener("click", () => { location.hash = `run=${id}`; });
+  return row;
+}
+
+function renderRow(doc) {
+  const row = rowFor(doc.id);
+  // A list refresh and a stream event can cross; never show an older document over a newer one.
+  if (Number(row.dataset.updated || 0) > doc.updated_at) return row;
+  row.dataset.updated = String(doc.updated_at);
+  row.dataset.status = doc.status;
+  row.querySelector(".workflow").textContent = doc.workflow;
+  row.querySelector(".id").textContent = doc.id.slice(0, 8);
+  row.querySelector(".id").title = doc.id;
+  setStatus(row.querySelector(".status"), doc.status);
+  setBar(row.querySelector(".bar"), doc);
+  row.querySelector(".message").textContent = doc.error || doc.message || "";
+  row.querySelector(".message").title = doc.error || doc.message || "";
+  row.querySelector(".steps").textContent = steps(doc);
+  row.querySelector(".cost").textContent = usd(totalUsd(doc));
+  row.querySelector(".started").textContent = when(doc.started_at || doc.created_at);
+  return row;
+}
+
+async function loadRuns() {
+  const q = new URLSearchParams({ limit: "50" });
+  if (me && me.admin && !$("all").checked) q.set("created_by", me.id);
+  let page;
+  try {
+    page = await api(`/v1/runs?${q}`);
+  } catch (e) {
+    $("list-status").textContent = e.message;
+    return;
+  }
+  $("list-status").textContent = "";
+  const tbody = $("run-rows");
+  const rows = page.runs.map(renderRow);
+  tbody.replaceChildren(...rows);
+  $("no-runs").hidden = rows.length > 0;
+  for (const doc of page.runs) if (ACTIVE.has(doc.status)) follow(doc.id);
+}
+
+// --- live updates -------------------------------------------------------
+function onDoc(doc) {
+  if (document.querySelector(`tr.run[data-run-id="${CSS.escape(doc.id)}"]`)) renderRow(doc);
+  if (doc.id === detailId) renderDetail(doc);
+}
+
+// EventSource cannot send an Authorization header, so the stream is read with fetch.
+function follow(id) {
+  if (streams.has(id) || (streams.size >= MAX_STREAMS && id !== detailId)) return;
+  const ctrl = new AbortController();
+  streams.set(id, ctrl);
+  let ended = false;
+  (async () => {
+    try {
+      const res = await fetch(`/v1/runs/${encodeURIComponent(id)}/events`, {
+        headers: { Authorization: `Bearer ${token()}`, Accept: "text/event-stream" },
+        signal: ctrl.signal,
+      });
+      if (!res.ok) return;
+      const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += value;
+        let cut;
+        while ((cut = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, cut);
+          buf = buf.slice(cut + 2);
+          let event = "message", data = "";
+          for (const line of block.split("\n")) {
+            if (line.startsWith("event:")) event = line.slice(6).trim();
+            else if (line.startsWith("data:")) data += line.slice(5).trim();
+          }
+          if (event === "run" && data) onDoc(JSON.parse(data));
+          if (event === "end") { ended = true; finished(id, JSON.parse(data).status); }
+        }
+      }
+    } catch (e) {
+      if (e.name === "AbortError") return;
+    } finally {
+      streams.delete(id);
+    }
+    // The server closes long streams; pick up again if the run is still going.
+    if (!ended && !ctrl.signal.aborted) setTimeout(() => follow(id), 3000);
+  })();
+}
+
+// Only a finished run that was not cancelled has results (the endpoint answers 409 otherwise).
+const HAS_RESULTS = new Set(["COMPLETE", "FAILED"]);
+
+function finished(id, status) {
+  if (id === detailId && HAS_RESULTS.has(status)) loadFailures(id);
+}
+
+// --- detail -------------------------------------------------------------
+function renderDetail(doc) {
+  $("d-title").textContent = doc.workflow;
+  setStatus($("d-status"), doc.status);
+  setBar($("d-bar"), doc);
+  $("d-message").textContent = doc.message || "";
+  $("d-id").textContent = doc.id;
+  $("d-owner").textContent = doc.created_by || "—";
+  $("d-steps").textContent = steps(doc);
+  $("d-cost").textContent = usd(totalUsd(doc));
+  $("d-started").textContent = when(doc.started_at);
+  $("d-finished").textContent = when(doc.finished_at);
+  $("d-error").textContent = doc.error || "";
+  $("d-cancel").hidden = !ACTIVE.has(doc.status);
+  $("d-params").textContent = JSON.stringify(doc.params, null, 2);
+  $("d-result").textContent = doc.result === null ? "—" : JSON.stringify(doc.result, null, 2);
+  const costs = Object.entries(doc.cost || {}).map(([model, c]) => {
+    const tr = el("tr");
+    for (const v of [model, usd(c.usd), c.input_tokens, c.output_tokens, c.calls]) tr.appendChild(el("td", "", String(v)));
+    return tr;
+  });
+  $("d-costs").replaceChildren(...costs);
+  $("d-costs-panel").hidden = costs.length === 0;
+  const history = [...(doc.history || [])].reverse().map((e) => {
+    const li = el("li");
+    li.append(el("span", "when", clock(e.at)), el("span", "kind", e.kind));
+    if (e.step) li.appendChild(el("span", "step", e.step));
+    li.appendChild(el("span", "", e.message));
+    return li;
+  });
+  $("d-history").replaceChildren(...history);
+  const failures = (doc.result && doc.result.failures) || [];
+  if (failures.length) showFailures(failures);
+}
+
+function showFailures(failures) {
+  const rows = failures.map((f) => {
+    const tr = el("tr");
+    tr.append(el("td", "", f.step || ""), el("td", "", JSON.stringify(f.params)), el("td", "", `${f.error_type}: ${f.message}`));
+    return tr;
+  });
+  $("d-failures").replaceChildren(...rows);
+  $("d-failures-panel").hidden = rows.length === 0;
+}
+
+async function loadFailures(id) {
+  try {
+    const res = await api(`/v1/runs/${encodeURIComponent(id)}/results`);
+    if (id === detailId && res.failures && res.failures.length) showFailures(res.failures);
+  } catch (e) {
+    // 409: not finished or cancelled; nothing to show
+  }
+}
+
+async function openDetail(id) {
+  detailId = id;
+  $("list-view").hidden = true;
+  $("detail-view").hidden = false;
+  $("d-failures-panel").hidden = true;
+  $("d-error").textContent = "";
+  try {
+    const doc = await api(`/v1/runs/${encodeURIComponent(id)}`);
+    renderDetail(doc);
+    if (ACTIVE.has(doc.status)) follow(id);
+    else finished(id, doc.status);
+  } catch (e) {
+    $("d-title").textContent = "Run";
+    $("d-error").textContent = e.message;
+  }
+}
+
+function route() {
+  const m = location.hash.match(/^#run=([A-Za-z0-9_-]+)/);
+  if (m) return openDetail(m[1]);
+  detailId = null;
+  $("detail-view").hidden = true;
+  $("list-view").hidden = false;
+  loadRuns();
+}
+
+// --- starting runs ------------------------------------------------------
+let workflows = [];
+
+function exampleParams(schema) {
+  const out = {};
+  for (const [name, prop] of Object.entries(schema.properties || {})) {
+    if ("default" in prop) out[name] = prop.default;
+    else if ((schema.required || []).includes(name)) out[name] = prop.type === "integer" ? 0 : prop.type === "array" ? [] : "";
+  }
+  return out;
+}
+
+function chooseWorkflow() {
+  const wf = workflows.find((w) => w.name === $("workflow").value);
+  if (!wf) return;
+  $("workflow-doc").textContent = wf.description || "";
+  $("params").value = JSON.stringify(exampleParams(wf.parameters));
+}
+
+async function loadWorkflows() {
+  workflows = (await api("/v1/workflows")).workflows;
+  $("workflow").replaceChildren(...workflows.map((w) => el("option", "", w.name)));
+  chooseWorkflow();
+}
+
+async function startRun(ev) {
+  ev.preventDefault();
+  $("start-error").textContent = "";
+  let params;
+  try {
+    params = JSON.parse($("params").value || "{}");
+  } catch (e) {
+    $("start-error").textContent = `Parameters are not JSON: ${e.message}`;
+    return;
+  }
+  $("start").disabled = true;
+  try {
+    const accepted = await api(`/v1/workflows/${encodeURIComponent($("workflow").value)}/runs`, {
+      method: "POST",
+      body: JSON.stringify({ params }),
+    });
+    const doc = await api(accepted.status_url);
+    $("run-rows").prepend(renderRow(doc));
+    $("no-runs").hidden = true;
+    follow(doc.id);
+  } catch (e) {
+    $("start-error").textContent = e.message;
+  } finally {
+    $("start").disabled = false;
+  }
+}
+
+async function cancelDetail() {
+  if (!detailId) return;
+  try {
+    await api(`/v1/runs/${encodeURIComponent(detailId)}/cancel`, { method: "POST" });
+  } catch (e) {
+    $("d-error").textContent = e.message;
+  }
+}
+
+// --- start --------------------------------------------------------------
+async function boot() {
+  takeTokenFromFragment();
+  if (!token()) return signOut("");
+  $("signin").hidden = true;
+  try {
+    me = await api("/v1/me");
+  } catch (e) {
+    if (e.status !== 401) signOut(e.message);
+    return;
+  }
+  $("who").textContent = `${me.email || me.id}${me.admin ? " (admin)" : ""}`;
+  $("all-label").hidden = !me.admin;
+  $("signout").hidden = false;
+  $("main").hidden = false;
+  await loadWorkflows();
+  route();
+}
+
+$("signin-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  localStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  $("token").value = "";
+  boot();
+});
+$("signout").addEventListener("click", () => signOut(""));
+$("start-form").addEventListener("submit", startRun);
+$("workflow").addEventListener("change", chooseWorkflow);
+$("all").addEventListener("change", loadRuns);
+$("d-cancel").addEventListener("click", cancelDetail);
+window.addEventListener("hashchange", route);
+setInterval(() => { if (!$("main").hidden && !detailId) loadRuns(); }, LIST_REFRESH_MS);
+boot();
