@@ -22,7 +22,8 @@ def variables_read() -> set[str]:
     found: set[str] = set()
     for path in SOURCES:
         found |= set(re.findall(r"\b(HAULAGE_[A-Z0-9_]+)\b", path.read_text()))
-    return {v for v in found if not v.endswith("_")} | THIRD_PARTY
+    # HAULAGE_CELERY_<NAME> is one documented family, not a variable of its own.
+    return {v for v in found if not v.endswith("_") and not v.startswith("HAULAGE_CELERY_")} | THIRD_PARTY
 
 
 def compose() -> dict[str, Any]:
