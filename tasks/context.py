@@ -51,6 +51,8 @@ class StepContext:
 
     def progress(self, percent: float, message: str = "") -> None:
         """Report this step's progress (0-100) and a message shown on the run."""
+        if self.cancelled:
+            return  # the run's last word is "cancelled"; a late progress message must not replace it
         percent = max(0.0, min(100.0, float(percent)))
         update = RunUpdate(set={"message": message, "heartbeat": now()} if message else {"heartbeat": now()})
         if self._flow["item"] is None and self._flow["units"] <= 1:
@@ -84,8 +86,8 @@ class StepContext:
             return True
         if time.monotonic() - self._cancel_checked >= _CANCEL_CHECK_SECONDS:
             self._cancel_checked = time.monotonic()
-            run = self._store.get_run(self.run_id)
-            self._cancelled = run is None or run.status is RunStatus.CANCELLED
+            status, _ = self._store.load_step_state(self.run_id, [])
+            self._cancelled = status is None or status is RunStatus.CANCELLED
         return self._cancelled
 
     @contextmanager

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,14 @@ def test_dev_serves_restarts_and_stops(tmp_path: Path) -> None:
                              cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=90)  # fmt: skip
         assert run.returncode == 0, run.stdout + run.stderr
         assert '"gross_eur": "11.90"' in run.stdout
+        # Flower and the HTTP service answer where `haulage dev` says they are.
+        flower = re.search(r"Flower at (http://\S+)", text)
+        page = re.search(r"progress page at (http://[^/]+)/", text)
+        assert flower is not None and page is not None
+        with urllib.request.urlopen(f"{flower.group(1)}/healthcheck", timeout=10) as reply:  # noqa: S310 - loopback
+            assert reply.read() == b"OK"
+        with urllib.request.urlopen(f"{page.group(1)}/healthz", timeout=10) as reply:  # noqa: S310 - loopback
+            assert reply.status == 200
         # A worker that dies is restarted.
         worker_pid = int(re.search(r"worker:short\s+pid (\d+)", text).group(1))  # type: ignore[union-attr]
         os.kill(worker_pid, signal.SIGKILL)
