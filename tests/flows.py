@@ -226,3 +226,14 @@ def backoff_once(ctx: StepContext, key: str) -> str:
 @workflow("t_backoff")
 def t_backoff(key: str) -> Any:
     return chain(backoff_once.s(key=key))
+
+
+@step(queue="inproc")
+def where_am_i(ctx: StepContext, x: int) -> dict[str, int]:
+    """Runs on the 'inproc' queue, which only the in-process test worker consumes."""
+    return {"x": x, "pid": os.getpid()}
+
+
+@workflow("t_inproc")
+def t_inproc(x: int) -> Any:
+    return chain(where_am_i.s(x=x))
