@@ -11,10 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -24,6 +24,7 @@ from google.api_core.operation import Operation
 from google.cloud import run_v2
 
 from dispatch.local_cloudrun import Faults, LocalCloudRun, make_clients
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,20 +62,6 @@ elif mode == "fail":
 elif mode == "fail-first-attempt" and os.environ["CLOUD_RUN_TASK_ATTEMPT"] == "0":
     sys.exit(4)
 """
-
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T | None], what: str, timeout: float = 10.0) -> T:
-    """Poll ``predicate`` until it returns something truthy, failing after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def pid_gone(pid: int) -> bool:
@@ -146,7 +133,7 @@ class Harness:
 
     def record(self, index: int, attempt: int = 0) -> dict[str, Any]:
         path = self.out_dir / f"task-{index}-{attempt}.json"
-        wait_for(path.exists, f"{path.name} to be written")
+        wait_until(path.exists, timeout=10, interval=0.02, what=f"{path.name} to be written")
         record: dict[str, Any] = json.loads(path.read_text())
         return record
 
@@ -170,7 +157,7 @@ def wait_completed(executions: run_v2.ExecutionsClient, name: str) -> run_v2.Exe
         # Unset timestamps read as None in proto-plus.
         return execution if execution.completion_time is not None else None
 
-    return wait_for(completed, f"{name} to complete")
+    return wait_until(completed, timeout=10, interval=0.02, what=f"{name} to complete")
 
 
 def completed_condition(execution: run_v2.Execution) -> run_v2.Condition:
@@ -319,7 +306,9 @@ def test_cancel_kills_running_task_and_skips_pending_ones(harness: Harness) -> N
     run_operation = harness.run(jobs, env={"MODE": "sleep"}, task_count=3)
     name = run_operation.metadata.name
     pid = harness.record(0)["pid"]
-    wait_for(lambda: executions.get_execution(name=name).running_count == 1, "a running task")
+    wait_until(
+        lambda: executions.get_execution(name=name).running_count == 1, timeout=10, interval=0.02, what="a running task"
+    )
 
     cancelled = executions.cancel_execution(name=name).result(timeout=10, polling=FAST_POLLING)
 
