@@ -92,3 +92,23 @@ def test_crash_mid_fan_out_then_resume(worker: Any, make_worker: Any, redis_clie
     repeated = sum(1 for v in c.values() if v > 1)
     print(f"\ncrash/replay: {n} items, {len(done_before)} checkpointed before SIGKILL, "
           f"{repeated} body re-run(s) (items in flight at the kill), 0 repeated effects")  # fmt: skip
+
+
+def test_warm_shutdown_lets_running_steps_finish(worker: Any, make_worker: Any, redis_client: Any) -> None:
+    import os
+    import signal
+
+    w = make_worker(queues="crash", concurrency=2)
+    w.start()
+    run = registry.get("t_slow_fan_out").start(n=2, sleep=1.5)
+    wait_until(lambda: len([s for s in run.steps() if s.status.value == "RUNNING"]) == 2, timeout=30,
+               what="both items running")  # fmt: skip
+    os.kill(w.proc.pid, signal.SIGTERM)  # Celery's warm shutdown: finish what runs, take nothing new
+    w.proc.wait(30)
+    # The steps that were running finished and checkpointed before the worker left.
+    assert {s.key: s.status.value for s in run.steps() if s.key.startswith("0:")} == {
+        "0:slow_item[0]": "COMPLETE",
+        "0:slow_item[1]": "COMPLETE",
+    }
+    assert run.wait(timeout=30).status is RunStatus.COMPLETE
+    assert counts(redis_client, run.id) == {"0:slow_item[0]": 1, "0:slow_item[1]": 1}
