@@ -237,3 +237,9 @@ def where_am_i(ctx: StepContext, x: int) -> dict[str, int]:
 @workflow("t_inproc")
 def t_inproc(x: int) -> Any:
     return chain(where_am_i.s(x=x))
+
+
+@workflow("t_followed", on_complete="t_chain", on_complete_params=lambda event, results: {"x": results})
+def t_followed(x: int) -> Any:
+    """When a run ends COMPLETE, t_chain starts with its result as x."""
+    return chain(add.s(x=x))

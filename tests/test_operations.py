@@ -152,3 +152,38 @@ def test_step_logs_are_structured_json(worker: WorkerProcess, make_worker: Any) 
         assert entry["attempt"] == 1 and entry["backend"] == "local"
         assert entry["severity"] in ("INFO", "WARNING") and entry["logger"].startswith("haulage.")
         assert entry["logging.googleapis.com/labels"] == {"run_id": run.id}
+
+
+def test_completion_events_and_follow_ups(worker: WorkerProcess, redis_client: Any) -> None:
+    from haulage import keys
+
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.completions_channel())
+    try:
+        run = registry.get("t_followed").start(x=4, created_by="ana@example.com", tags=["t1"])
+        failing = registry.get("t_dynamic_fail").start(n=2, fail_on=[0])
+        events: dict[str, dict[str, Any]] = {}
+
+        def both_heard() -> bool:
+            message = pubsub.get_message(timeout=0.2)
+            if message:
+                event = json.loads(message["data"])
+                events[event["run_id"]] = event
+            return run.id in events and failing.id in events
+
+        wait_until(both_heard, timeout=30, interval=0.01, what="completion events of both runs")
+    finally:
+        pubsub.close()
+    done = events[run.id]
+    assert done["status"] == "COMPLETE" and done["workflow"] == "t_followed"
+    assert done["tags"] == ["t1"] and done["created_by"] == "ana@example.com"
+    assert done["steps"] == {"total": 1, "done": 1, "failed": 0} and done["finished_at"] >= done["created_at"]
+    assert events[failing.id]["status"] == "FAILED" and "fan-out items failed" in events[failing.id]["error"]
+    # The follow-up started once, with the finished run's result as its parameter.
+    follow = wait_until(lambda: [r for r in list_runs(workflow="t_chain", limit=200) if f"after:{run.id}" in r.tags],
+                        timeout=30, what="the follow-up run")  # fmt: skip
+    assert len(follow) == 1 and follow[0].params == {"x": 4}
+    from workflows import get_run
+
+    assert get_run(follow[0].id).wait(timeout=30).status is RunStatus.COMPLETE
+    assert get_run(follow[0].id).results() == (4 + 1) * 2 * 2
