@@ -29,3 +29,25 @@ def bench_chain(length: int = CHAIN_LENGTH) -> Any:
 @workflow("bench_fan_out")
 def bench_fan_out(items: int = FAN_OUT) -> Any:
     return chain(fan_out(noop_step, [{"i": i} for i in range(items)]))
+
+
+def _report_firestore_writes(**_: Any) -> None:
+    """For bench/firestore_run.py: a pool process, on its way out, records how many run-document writes it sent."""
+    import os
+
+    from haulage.redis_client import get_redis
+    from progress import get_store
+
+    store = get_store()
+    counts = getattr(store, "writes", None)
+    if counts is None:
+        return
+    store.flush()  # type: ignore[attr-defined]
+    for run_id, n in counts.items():
+        get_redis().hset(f"bench:fswrites:{run_id}", str(os.getpid()), n)
+
+
+if __import__("os").environ.get("HAULAGE_STORE") == "firestore":
+    from celery import signals
+
+    signals.worker_process_shutdown.connect(_report_firestore_writes, weak=False)
