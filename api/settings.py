@@ -8,18 +8,14 @@ missing or weak secret is a start-up error, never a silent "allow".
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from haulage.errors import ConfigError
+from haulage.settings import env_str as _str
 
 AUTH_MODES = ("", "dev", "firebase")
 #: a static development token shorter than this is refused at start-up (guessable)
 MIN_DEV_TOKEN_LENGTH = 16
-
-
-def _str(name: str, default: str = "") -> str:
-    return os.environ.get(name, "").strip() or default
 
 
 def _int(name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:

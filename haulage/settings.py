@@ -22,8 +22,12 @@ _JOB_NAME_RE = re.compile(r"^projects/[^/]+/locations/[^/]+/jobs/[^/]+$")
 _JOB_ID_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def _str(name: str, default: str) -> str:
+def env_str(name: str, default: str = "") -> str:
+    """The variable's value, stripped, or ``default`` when unset or blank."""
     return os.environ.get(name, "").strip() or default
+
+
+_str = env_str
 
 
 def _number(name: str, default: float, *, minimum: float) -> float:

@@ -136,3 +136,17 @@ def _load_modules() -> None:
     from workflows import registry
 
     registry.load_modules()
+
+
+#: modules of the HTTP-service tests' worker (their slow flows run on the api_slow queue)
+API_MODULES = "tests.flows,workflows.examples,tests.api_flows"
+
+
+@pytest.fixture(scope="session")
+def api_worker(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    """A worker for the api_slow queue (and the internal queues its runs use), shared by the API tests."""
+    w = WorkerProcess(tmp_path_factory.mktemp("api-worker") / "worker.log", queues="api_slow,short,long,dispatch",
+                      extra_env={"HAULAGE_MODULES": API_MODULES})  # fmt: skip
+    w.start()
+    yield w
+    w.stop()

@@ -24,11 +24,11 @@ from api import ApiSettings, User, create_app
 from api.auth import FirebaseAuthenticator
 from api.testing import ApiServer, FirebaseIssuer
 from haulage.errors import ConfigError
-from tests.conftest import ROOT, WorkerProcess, wait_until
+from tests.conftest import API_MODULES, ROOT, WorkerProcess, wait_until
 
 DEV_TOKEN = "dev-token-0123456789abcdef"
 PROJECT = "haulage-test"
-MODULES = "tests.flows,workflows.examples,tests.api_flows"
+MODULES = API_MODULES
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -83,16 +83,6 @@ def tokens(issuer: FirebaseIssuer) -> dict[str, dict[str, str]]:
         "bob": bearer(issuer.token("bob", email="bob@example.com", claims={"roles": {"p1": "viewer"}})),
         "root": bearer(issuer.token("root", email="root@example.com", claims={"admin": True})),
     }
-
-
-@pytest.fixture(scope="module")
-def slow_worker(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    """A worker of this module's own for the api_slow queue (and the internal queues its runs use)."""
-    w = WorkerProcess(tmp_path_factory.mktemp("api-worker") / "worker.log", queues="api_slow,short,long,dispatch",
-                      extra_env={"HAULAGE_MODULES": MODULES})  # fmt: skip
-    w.start()
-    yield w
-    w.stop()
 
 
 def wait_status(client: TestClient, run_id: str, headers: dict[str, str], *statuses: str,
@@ -460,7 +450,7 @@ def follow(http: httpx.Client, run_id: str, headers: dict[str, str]) -> list[tup
         return list(parse_sse(stream.iter_lines()))
 
 
-def test_another_process_starts_follows_cancels_and_collects(server: ApiServer, slow_worker: WorkerProcess,
+def test_another_process_starts_follows_cancels_and_collects(server: ApiServer, api_worker: WorkerProcess,
                                                              issuer: FirebaseIssuer) -> None:  # fmt: skip
     ana = bearer(issuer.token("ana", email="ana@example.com"))
     with httpx.Client(base_url=server.url, timeout=30) as http:

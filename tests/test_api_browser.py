@@ -18,12 +18,12 @@ import httpx
 import pytest
 
 from api.testing import ApiServer
-from tests.conftest import ROOT, WorkerProcess, wait_until
+from tests.conftest import API_MODULES, ROOT, WorkerProcess, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 DEV_TOKEN = "browser-token-0123456789abcdef"
-MODULES = "tests.flows,workflows.examples,tests.api_flows"
+MODULES = API_MODULES
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
          "--disable-dev-shm-usage", "--window-size=1400,1000"]  # fmt: skip
@@ -38,15 +38,6 @@ from selenium import webdriver  # noqa: E402 - only importable once we know the 
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def page_worker(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    w = WorkerProcess(tmp_path_factory.mktemp("browser-worker") / "worker.log", queues="api_slow,short,long,dispatch",
-                      extra_env={"HAULAGE_MODULES": MODULES})  # fmt: skip
-    w.start()
-    yield w
-    w.stop()
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +92,7 @@ def bar_state(driver: Any, run_id: str) -> tuple[float, str] | None:
     return (float(state[0]), str(state[1])) if state else None
 
 
-def test_a_run_started_on_the_page_moves_its_bar_and_ends_complete(server: ApiServer, page_worker: WorkerProcess,
+def test_a_run_started_on_the_page_moves_its_bar_and_ends_complete(server: ApiServer, api_worker: WorkerProcess,
                                                                     browser: Any) -> None:  # fmt: skip
     browser.get(f"{server.url}/#token={DEV_TOKEN}")
     wait_until(lambda: browser.find_element(By.ID, "main").is_displayed(), timeout=15, what="the page to sign in")
@@ -156,7 +147,7 @@ def test_a_run_started_on_the_page_moves_its_bar_and_ends_complete(server: ApiSe
     assert console_errors(browser) == []
 
 
-def test_the_detail_of_a_partly_failed_run_lists_its_failures(server: ApiServer, page_worker: WorkerProcess,
+def test_the_detail_of_a_partly_failed_run_lists_its_failures(server: ApiServer, api_worker: WorkerProcess,
                                                               browser: Any) -> None:  # fmt: skip
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {DEV_TOKEN}"}) as http:
         r = http.post("/v1/workflows/t_api_fan/runs", json={"params": {"n": 5, "fail_on": [1, 4]}})
@@ -175,7 +166,7 @@ def test_the_detail_of_a_partly_failed_run_lists_its_failures(server: ApiServer,
     assert console_errors(browser) == []
 
 
-def test_sign_in_with_a_pasted_token_and_cancel_from_the_detail(server: ApiServer, page_worker: WorkerProcess,
+def test_sign_in_with_a_pasted_token_and_cancel_from_the_detail(server: ApiServer, api_worker: WorkerProcess,
                                                                  browser: Any) -> None:  # fmt: skip
     browser.get(server.url)
     wait_until(lambda: browser.find_element(By.ID, "signin").is_displayed(), timeout=15, what="the sign-in form")
