@@ -142,7 +142,8 @@ def _load_modules() -> None:
 API_MODULES = "tests.flows,workflows.examples,tests.api_flows"
 
 
-@pytest.fixture(scope="session")
+# Module scope: it consumes the shared queues too, so it must not outlive the module that asked for it.
+@pytest.fixture(scope="module")
 def api_worker(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     """A worker for the api_slow queue (and the internal queues its runs use), shared by the API tests."""
     w = WorkerProcess(tmp_path_factory.mktemp("api-worker") / "worker.log", queues="api_slow,short,long,dispatch",
