@@ -1,84 +1,17 @@
-"""Every Celery setting Haulage uses, in one place, read from the environment.
+"""This deployment's Celery settings, applied over Haulage's own defaults.
 
-The HAULAGE_* variables in the README configure the common ones; any other
-Celery setting can be set as HAULAGE_CELERY_<NAME> (the value is parsed as
-JSON when it is valid JSON, else taken as a string), for example
-HAULAGE_CELERY_WORKER_MAX_TASKS_PER_CHILD=100.
+Not installed with Haulage and never loaded by accident: a process reads this
+file only when HAULAGE_CELERYCONFIG=celeryconfig (docker-compose.yml and the
+Dockerfile set it). Any public lowercase name here is a Celery setting.
+Haulage refuses to start when one of them would break a durability guarantee
+(JSON only, acks_late, reject_on_worker_lost, prefetch 1, the visibility
+timeout above the longest retry countdown, RedBeat for beat), naming the setting.
+See haulage/tasks/config.py for the defaults and the README's configuration table.
 """
 
-from __future__ import annotations
+# Recycle a worker process after this many steps: bounds the memory a leaky
+# step library can pile up, at the cost of a fork every 1,000 steps.
+worker_max_tasks_per_child = 1000
 
-import json
-import os
-
-from kombu import Exchange, Queue
-
-from haulage.settings import get_settings
-
-_s = get_settings()
-
-broker_url = _s.broker_url
-result_backend = _s.result_backend
-
-# JSON only: pickle on the wire is arbitrary code execution.
-task_serializer = "json"
-result_serializer = "json"
-accept_content = ["json"]
-result_accept_content = ["json"]
-event_serializer = "json"
-
-# A message is acknowledged only after its step finished, and a worker that dies
-# mid-step gives its message back; the step lock and checkpoint make the
-# redelivery harmless.
-task_acks_late = True
-task_reject_on_worker_lost = True
-worker_prefetch_multiplier = 1
-broker_connection_retry_on_startup = True
-
-task_queues = tuple(
-    Queue(name, Exchange(name, type="direct"), routing_key=name) for name in ("short", "long", "dispatch")
-)
-task_default_queue = "short"
-task_default_exchange = "short"
-task_default_routing_key = "short"
-
-# Redis redelivers an unacknowledged message after the visibility timeout;
-# retry countdowns are held unacked, so every countdown stays below it
-# (HAULAGE_MAX_COUNTDOWN is validated against it).
-broker_transport_options = {"visibility_timeout": int(_s.visibility_timeout)}
-result_backend_transport_options = {
-    "visibility_timeout": int(_s.visibility_timeout),
-    "result_chord_ordered": True,
-}
-result_expires = 24 * 3600
-
-# Operators follow tasks in Flower. No "task-sent" events: they carry the real task name,
-# and arriving late they would overwrite the readable "workflow.step" (shadow) name.
-worker_send_task_events = True
-task_send_sent_event = False
-task_track_started = True
-
-imports = (
-    "tasks.internal",
-    "workflows.schedules",
-    "workflows.recovery",
-    "workflows.completion",
-    "workflows.retention",
-    *_s.modules,
-)
-
-# Beat keeps its schedule in Redis, behind a lock: two beat processes never fire the same entry.
-beat_scheduler = "redbeat.RedBeatScheduler"
-redbeat_redis_url = _s.redis_url
-redbeat_key_prefix = f"{_s.key_prefix}:redbeat"
-redbeat_lock_timeout = 30  # seconds a dead beat's lock blocks a standby one
-beat_max_loop_interval = 5
-
-_PREFIX = "HAULAGE_CELERY_"
-for _name, _raw in os.environ.items():
-    if _name.startswith(_PREFIX) and _raw:
-        try:
-            _value = json.loads(_raw)
-        except ValueError:
-            _value = _raw
-        globals()[_name[len(_PREFIX) :].lower()] = _value
+# Celery's time zone for beat's crontab entries (schedules are UTC by default).
+timezone = "UTC"

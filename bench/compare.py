@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from haulage.redis_server import free_port, start_redis  # noqa: E402
+from haulage.devtools.redis_server import free_port, start_redis  # noqa: E402
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -47,7 +47,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     worker_log = open(tmp / "worker.log", "wb")  # noqa: SIM115 - handed to the child, closed at exit
     worker = subprocess.Popen(
-        [sys.executable, "-m", "cli", "worker", "--queues", "short", "--concurrency", "2",
+        [sys.executable, "-m", "haulage.cli", "worker", "--queues", "short", "--concurrency", "2",
          "--hostname", "bench@127.0.0.1", "--loglevel", "WARNING"],
         cwd=ROOT, env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -55,8 +55,8 @@ def main() -> int:
         from celery import chain, chord, group
 
         from bench.flows import CHAIN_LENGTH, FAN_OUT, noop
-        from tasks.app import app
-        from workflows import RunStatus, registry
+        from haulage.tasks.app import app
+        from haulage.workflows import RunStatus, registry
 
         registry.load_modules()
         deadline = time.monotonic() + 60

@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from haulage.redis_server import free_port, start_redis  # noqa: E402
-from progress.emulator import start_emulator  # noqa: E402
+from haulage.devtools.firestore_emulator import start_emulator  # noqa: E402
+from haulage.devtools.redis_server import free_port, start_redis  # noqa: E402
 
 
 def main() -> int:
@@ -47,16 +47,16 @@ def main() -> int:
     redis_proc = start_redis(tmp / "redis", port, appendonly=True)
     log = open(tmp / "worker.log", "wb")  # noqa: SIM115 - handed to the child, closed at exit
     worker = subprocess.Popen(
-        [sys.executable, "-m", "cli", "worker", "--queues", "short", "--concurrency", "2",
+        [sys.executable, "-m", "haulage.cli", "worker", "--queues", "short", "--concurrency", "2",
          "--hostname", "fsbench@127.0.0.1", "--loglevel", "WARNING"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
     try:
+        from haulage.progress import get_store
         from haulage.redis_client import get_redis
-        from progress import get_store
-        from tasks.app import app
-        from workflows import RunStatus, registry
+        from haulage.tasks.app import app
+        from haulage.workflows import RunStatus, registry
 
         registry.load_modules()
         deadline = time.monotonic() + 60

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from progress.models import (  # noqa: E402
+from haulage.progress.models import (  # noqa: E402
     ACTIVE,
     Checkpoint,
     Event,
@@ -62,7 +62,7 @@ def main() -> int:
 
 
 def bench(items: int, processes: int, threads: int, coalesce: float) -> int:
-    from progress.firestore_store import FirestoreStore
+    from haulage.progress.firestore_store import FirestoreStore
 
     collection = f"tasks-{uuid.uuid4().hex[:8]}"
     stores = [

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import StepContext, app, step
-from workflows import chain, fan_out, workflow
+from haulage.tasks import StepContext, app, step
+from haulage.workflows import chain, fan_out, workflow
 
 CHAIN_LENGTH = 50
 FAN_OUT = 1000
@@ -35,8 +35,8 @@ def _report_firestore_writes(**_: Any) -> None:
     """For bench/firestore_run.py: a pool process, on its way out, records how many run-document writes it sent."""
     import os
 
+    from haulage.progress import get_store
     from haulage.redis_client import get_redis
-    from progress import get_store
 
     store = get_store()
     counts = getattr(store, "writes", None)

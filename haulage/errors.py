@@ -1,5 +1,16 @@
 """One error hierarchy for Haulage: every error it raises is a ``HaulageError``.
 
+Four groups, so a caller can catch by what happened rather than by name:
+
+- :class:`UsageError`: the caller's or the deployment's mistake (settings, parameters, plans, modules);
+- :class:`NotFound`: a name or id that does not exist (also a built-in ``LookupError``);
+- :class:`RunOutcome`: what a run ended as, when a caller asked for its results or waited on it;
+- :class:`InfrastructureError`: a service Haulage depends on failed (store, broker, lock, Cloud Run).
+
+:class:`Cancelled` is apart: a step raises it (``ctx.raise_if_cancelled()``) to stop
+because its run was cancelled. It derives from ``BaseException``, as asyncio's
+``CancelledError`` does, so an ordinary ``except Exception`` in step code does not swallow it.
+
 Messages name the thing that is wrong, the rule it broke and the value seen,
 so that a user reading one line knows what to fix.
 """
@@ -14,11 +25,31 @@ class HaulageError(Exception):
     """Raised for any error Haulage reports; the root of the hierarchy."""
 
 
-class ConfigError(HaulageError):
+class UsageError(HaulageError):
+    """Raised for a mistake of the caller or the deployment; retrying the same call fails the same way."""
+
+
+class NotFound(HaulageError, LookupError):
+    """Raised when a workflow, step or run named by the caller does not exist."""
+
+
+class RunOutcome(HaulageError):
+    """Raised when a run did not end as the caller needed (failed, cancelled, not yet finished)."""
+
+
+class InfrastructureError(HaulageError):
+    """Raised when a service Haulage depends on failed; the same call may succeed later."""
+
+
+class Cancelled(BaseException):  # noqa: N818 - named like asyncio.CancelledError's role, not an error
+    """Raised inside a step to stop it because its run was cancelled; not caught by ``except Exception``."""
+
+
+class ConfigError(UsageError):
     """Raised when a setting (environment variable or option) is invalid."""
 
 
-class InvalidParams(HaulageError):
+class InvalidParams(UsageError):
     """Raised when workflow parameters do not match the workflow's type hints."""
 
     def __init__(self, workflow: str, errors: list[dict[str, Any]]) -> None:
@@ -29,7 +60,7 @@ class InvalidParams(HaulageError):
         super().__init__(f"invalid parameters for workflow {workflow!r}: {detail}")
 
 
-class UnknownWorkflow(HaulageError):
+class UnknownWorkflow(NotFound):
     """Raised when a workflow name is not in the registry."""
 
     def __init__(self, name: str, known: Iterable[str]) -> None:
@@ -39,7 +70,7 @@ class UnknownWorkflow(HaulageError):
         super().__init__(f"unknown workflow {name!r}; known workflows: {listed}")
 
 
-class UnknownStep(HaulageError):
+class UnknownStep(NotFound):
     """Raised when a step name is not in the registry."""
 
     def __init__(self, name: str, known: Iterable[str]) -> None:
@@ -49,31 +80,31 @@ class UnknownStep(HaulageError):
         super().__init__(f"unknown step {name!r}; known steps: {listed}")
 
 
-class PlanError(HaulageError):
+class PlanError(UsageError):
     """Raised when a workflow's plan (its chain and fan-outs) is malformed."""
 
 
-class ModuleLoadError(HaulageError):
+class ModuleLoadError(UsageError):
     """Raised when a module named in HAULAGE_MODULES cannot be imported."""
 
 
-class IdempotencyConflict(HaulageError):
+class IdempotencyConflict(UsageError):
     """Raised when an idempotency key is reused with different parameters."""
 
 
-class BrokerUnavailable(HaulageError):
+class BrokerUnavailable(InfrastructureError):
     """Raised when a run cannot be enqueued because the broker is unreachable."""
 
 
-class RunNotFound(HaulageError):
+class RunNotFound(NotFound):
     """Raised when no run has the given id."""
 
 
-class RunNotFinished(HaulageError):
+class RunNotFinished(RunOutcome):
     """Raised when results are asked of a run that has not finished."""
 
 
-class RunFailed(HaulageError):
+class RunFailed(RunOutcome):
     """Raised when results are asked of a run that ended FAILED."""
 
     def __init__(self, run_id: str, error: str | None, failures: list[Any] | None = None) -> None:
@@ -83,15 +114,15 @@ class RunFailed(HaulageError):
         super().__init__(f"run {run_id} failed: {error}")
 
 
-class RunCancelled(HaulageError):
-    """Raised when results are asked of a cancelled run, or a step sees its run cancelled."""
+class RunCancelled(RunOutcome):
+    """Raised when results are asked of a cancelled run (a step stops with :class:`Cancelled`)."""
 
 
-class WaitTimeout(HaulageError, TimeoutError):
+class WaitTimeout(RunOutcome, TimeoutError):
     """Raised when ``Run.wait`` reaches its timeout before the run ends."""
 
 
-class NondeterminismError(HaulageError):
+class NondeterminismError(UsageError):
     """Raised when a checkpoint was written by a different step than the one replaying it.
 
     The step key is derived from the step's position in the plan, so this means
@@ -99,19 +130,31 @@ class NondeterminismError(HaulageError):
     """
 
 
-class LockUnavailable(HaulageError):
+class StoreUnavailable(InfrastructureError):
+    """Raised when the store (Redis or Firestore) cannot be reached or refuses to answer."""
+
+
+class StoreConflict(InfrastructureError):
+    """Raised when a store write kept conflicting with concurrent writers past its retry limit."""
+
+
+class MissingCheckpoint(InfrastructureError):
+    """Raised when a step's input checkpoint is gone (deleted by retention, or an emptied store)."""
+
+
+class LockUnavailable(InfrastructureError):
     """Raised when the step lock cannot be checked (Redis error): fail closed."""
 
 
-class StepFailed(HaulageError):
+class StepFailed(RunOutcome):
     """Raised (and recorded on the run) when a step of the main chain fails after its retries."""
 
 
-class StepResultNotSerializable(HaulageError):
+class StepResultNotSerializable(UsageError):
     """Raised when a step returns a value that cannot be stored as JSON."""
 
 
-class DispatchError(HaulageError):
+class DispatchError(InfrastructureError):
     """Raised when a step cannot be handed to, or run by, the backend chosen for it."""
 
 

@@ -58,6 +58,7 @@ class Settings:
     broker_url: str
     result_backend: str
     modules: tuple[str, ...]
+    celery_config: str  #: a deployment's Celery settings module (HAULAGE_CELERYCONFIG), "" for none
     store: str
     key_prefix: str
     visibility_timeout: float  #: seconds a reserved message may stay unacked before redelivery
@@ -100,6 +101,7 @@ def load_settings() -> Settings:
         broker_url=_str("HAULAGE_BROKER_URL", redis_url),
         result_backend=_str("HAULAGE_RESULT_BACKEND", redis_url),
         modules=modules,
+        celery_config=_str("HAULAGE_CELERYCONFIG", ""),
         store=_choice("HAULAGE_STORE", "redis", ("redis", "firestore")),
         key_prefix=_str("HAULAGE_KEY_PREFIX", "haulage"),
         visibility_timeout=visibility,

@@ -1,27 +1,13 @@
-"""The Celery side of Haulage: the app, the ``@step`` decorator and the durable wrapper.
+"""This deployment's Celery entry point: ``celery -A tasks inspect active``, ``celery -A tasks worker``.
 
->>> from tasks import step, StepContext
->>> @step(runtime="short", retries=3)
-... def analyze_page(ctx: StepContext, project_id: str, page: int) -> dict:
-...     return {"page": page}
+It is Haulage's own app (``haulage.tasks.app``), configured by the installed
+package, this repository's ``celeryconfig.py`` when HAULAGE_CELERYCONFIG names
+it, and HAULAGE_* variables. ``haulage worker`` and ``haulage beat`` start the
+same app with Haulage's defaults for queues and concurrency.
 """
 
 from __future__ import annotations
 
-from tasks.app import app
-from tasks.context import StepContext
-from tasks.results import Failure, Results
-from tasks.step import Step, StepCall, all_steps, get_step, step
+from haulage.tasks.app import app
 
-__all__ = [
-    "step",
-    "StepContext",
-    "Results",
-    "Failure",
-    # advanced
-    "Step",
-    "StepCall",
-    "get_step",
-    "all_steps",
-    "app",
-]
+__all__ = ["app"]

@@ -12,9 +12,9 @@ from typing import Any
 
 from pydantic import Field
 
-from tasks import StepContext, step
+from haulage.tasks import StepContext, step
+from haulage.workflows import chain, fan_out, workflow
 from tests.flows import square
-from workflows import chain, fan_out, workflow
 
 QUEUE = "api_slow"
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import redis
 
-from tasks import Results, StepContext, step
-from workflows import chain, fan_out, workflow
+from haulage.tasks import Results, StepContext, step
+from haulage.workflows import chain, fan_out, workflow
 
 
 def _r() -> redis.Redis:

@@ -20,11 +20,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from haulage.redis_server import free_port, start_redis  # noqa: E402
+from haulage.devtools.redis_server import free_port, start_redis  # noqa: E402
 
 _PORT = int(os.environ.get("HAULAGE_TEST_REDIS_PORT") or free_port())
 os.environ["HAULAGE_REDIS_URL"] = f"redis://127.0.0.1:{_PORT}/0"
-os.environ["HAULAGE_MODULES"] = "tests.flows,workflows.examples,tests.dispatch_flows"
+os.environ["HAULAGE_MODULES"] = "tests.flows,haulage.examples,tests.dispatch_flows"
 os.environ.setdefault("HAULAGE_MAX_COUNTDOWN", "2")
 os.environ.setdefault("HAULAGE_VISIBILITY_TIMEOUT", "60")
 os.environ.setdefault("HAULAGE_LOCK_LIVENESS", "3")
@@ -79,7 +79,7 @@ class WorkerProcess:
         name = f"w{os.getpid()}-{id(self)}-{self.starts}@127.0.0.1"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cli", "worker", "--queues", self.queues,
+                [sys.executable, "-m", "haulage.cli", "worker", "--queues", self.queues,
                  "--concurrency", str(self.concurrency), "--hostname", name, "--loglevel", "INFO"],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
@@ -88,7 +88,7 @@ class WorkerProcess:
             wait_until(lambda: " ready." in self.log_path.read_text(errors="replace"), timeout=30,
                        what=f"worker {name}")  # fmt: skip
             return
-        from tasks.app import app
+        from haulage.tasks.app import app
 
         wait_until(lambda: app.control.ping(destination=[name], timeout=0.5), timeout=30, what=f"worker {name}")
 
@@ -133,13 +133,13 @@ def make_worker(redis_server: str, tmp_path: Path) -> Iterator[Callable[..., Wor
 
 @pytest.fixture(scope="session", autouse=True)
 def _load_modules() -> None:
-    from workflows import registry
+    from haulage.workflows import registry
 
     registry.load_modules()
 
 
 #: modules of the HTTP-service tests' worker (their slow flows run on the api_slow queue)
-API_MODULES = "tests.flows,workflows.examples,tests.api_flows"
+API_MODULES = "tests.flows,haulage.examples,tests.api_flows"
 
 
 # Module scope: it consumes the shared queues too, so it must not outlive the module that asked for it.

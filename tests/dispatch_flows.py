@@ -12,10 +12,10 @@ import os
 import time
 from typing import Any
 
-from tasks import Results, StepContext, step
-from tasks.step import get_step
+from haulage.tasks import Results, StepContext, step
+from haulage.tasks.step import get_step
+from haulage.workflows import chain, fan_out, workflow
 from tests.flows import count
-from workflows import chain, fan_out, workflow
 
 ENV_KEYS = ("JOB_NAME", "HAULAGE_RUN_ID", "HAULAGE_STEP_KEY", "HAULAGE_ATTEMPT", "CLOUD_RUN_TASK_INDEX",
             "CLOUD_RUN_TASK_COUNT", "CLOUD_RUN_EXECUTION")  # fmt: skip

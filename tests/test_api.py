@@ -1,7 +1,7 @@
 """The HTTP service on real parts: a real Redis, real Celery workers, google-auth's real token verification.
 
 Most tests call the app in-process (FastAPI's TestClient); the end-to-end
-tests run ``python -m api`` as its own process and drive it over HTTP with
+tests run ``python -m haulage.api`` as its own process and drive it over HTTP with
 Firebase-shaped tokens signed by a local issuer.
 """
 
@@ -20,9 +20,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 import tests.api_flows  # noqa: F401 - registers t_api_slow and t_api_fan in this process
-from api import ApiSettings, User, create_app
-from api.auth import FirebaseAuthenticator
-from api.testing import ApiServer, FirebaseIssuer
+from haulage.api import ApiSettings, User, create_app
+from haulage.api.auth import FirebaseAuthenticator
+from haulage.devtools.api_server import ApiServer, FirebaseIssuer
 from haulage.errors import ConfigError
 from tests.conftest import API_MODULES, ROOT, WorkerProcess, wait_until
 
@@ -428,7 +428,7 @@ def test_the_page_is_served_with_a_strict_content_security_policy(dev: TestClien
 
 def test_python_m_api_stops_with_a_clear_message_on_bad_settings(redis_server: str) -> None:
     env = {**os.environ, "HAULAGE_API_AUTH": "dev", "HAULAGE_API_DEV_TOKEN": "short", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "api", "--port", "1"], env=env, cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "haulage.api", "--port", "1"], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("haulage: error: HAULAGE_API_AUTH=dev needs HAULAGE_API_DEV_TOKEN")
@@ -482,7 +482,7 @@ def test_another_process_starts_follows_cancels_and_collects(server: ApiServer, 
 
 
 def test_dev_environment_and_page_url_for_the_dev_stack() -> None:
-    from api.server import dev_environment, page_url
+    from haulage.api.server import dev_environment, page_url
 
     env = dev_environment()
     assert env["HAULAGE_API_AUTH"] == "dev" and len(env["HAULAGE_API_DEV_TOKEN"]) >= 16

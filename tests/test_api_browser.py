@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api.testing import ApiServer
+from haulage.devtools.api_server import ApiServer
 from tests.conftest import API_MODULES, ROOT, WorkerProcess, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,6 +1,6 @@
 """Fuzz the service from its own OpenAPI document with schemathesis: no 5xx, and every answer is documented.
 
-The server runs as its own process (``python -m api``) on database 1 of the
+The server runs as its own process (``python -m haulage.api``) on database 1 of the
 session Redis: runs the fuzzer manages to start are recorded and enqueued
 there, where no worker listens, so nothing it invents ever executes.
 
@@ -31,8 +31,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 import tests.api_flows  # noqa: F401 - registers t_api_fan in this process, for the document
-from api import create_app
-from api.testing import ApiServer
+from haulage.api import create_app
+from haulage.devtools.api_server import ApiServer
 from tests.conftest import ROOT
 
 DEV_TOKEN = "fuzz-token-0123456789abcdef"
@@ -68,7 +68,7 @@ schema = schemathesis.openapi.from_dict(DOCUMENT)
 def fuzz_server(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     isolated = redis_server.rsplit("/", 1)[0] + "/1"
     env = {**SETTINGS, "HAULAGE_REDIS_URL": isolated, "PYTHONPATH": str(ROOT),
-           "HAULAGE_MODULES": "tests.flows,workflows.examples,tests.api_flows"}  # fmt: skip
+           "HAULAGE_MODULES": "tests.flows,haulage.examples,tests.api_flows"}  # fmt: skip
     with ApiServer(tmp_path_factory.mktemp("fuzz") / "api.log", env, cwd=ROOT) as server:
         yield server
     redis.Redis.from_url(isolated).flushdb()

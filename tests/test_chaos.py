@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import redis
 
-from haulage.redis_server import free_port, start_redis
-from progress.models import RunStatus, StepStatus
-from progress.redis_store import RedisStore
+from haulage.devtools.redis_server import free_port, start_redis
+from haulage.progress.models import RunStatus, StepStatus
+from haulage.progress.redis_store import RedisStore
 from tests.conftest import ROOT, WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
@@ -59,12 +59,12 @@ class World:
 
     def cli_popen(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
-            return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT,
+            return subprocess.Popen([sys.executable, "-m", "haulage.cli", *args], cwd=ROOT,
                                     env={**os.environ, "PYTHONPATH": str(ROOT), **self.env},
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
     def cli(self, *args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "haulage.cli", *args], cwd=ROOT, capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT), **self.env}, timeout=60)  # fmt: skip
         assert out.returncode == 0, out.stderr
         return out.stdout
@@ -175,7 +175,7 @@ def _safe_get(world: World, run_id: str) -> Any:
 
 
 def test_hard_timeout_kills_and_retries(worker: WorkerProcess, make_worker: Any, redis_client: Any) -> None:
-    from workflows import registry
+    from haulage.workflows import registry
 
     w = make_worker(queues="crash", concurrency=1)
     w.start()
@@ -190,7 +190,7 @@ def test_hard_timeout_kills_and_retries(worker: WorkerProcess, make_worker: Any,
 
 
 def test_always_failing_step_ends_failed_after_its_attempts(worker: WorkerProcess) -> None:
-    from workflows import registry
+    from haulage.workflows import registry
 
     began = time.monotonic()
     run = registry.get("t_flaky").start(key=uuid.uuid4().hex, fail_times=100)
@@ -202,8 +202,8 @@ def test_always_failing_step_ends_failed_after_its_attempts(worker: WorkerProces
 
 
 def test_step_in_backoff_is_not_reaped(worker: WorkerProcess) -> None:
-    from workflows import registry
-    from workflows.recovery import reap
+    from haulage.workflows import registry
+    from haulage.workflows.reaper import reap
 
     run = registry.get("t_backoff").start(key=uuid.uuid4().hex)
     wait_until(lambda: any(s.status is StepStatus.QUEUED and s.retry_at for s in run.steps()), timeout=30,
@@ -216,10 +216,10 @@ def test_step_in_backoff_is_not_reaped(worker: WorkerProcess) -> None:
 
 
 def test_reaper_resumes_a_stale_run_then_gives_up(worker: WorkerProcess) -> None:
-    from progress import get_store
-    from progress.models import RunUpdate
-    from workflows import registry
-    from workflows.recovery import reap
+    from haulage.progress import get_store
+    from haulage.progress.models import RunUpdate
+    from haulage.workflows import registry
+    from haulage.workflows.reaper import reap
 
     run = registry.get("t_chain").start(x=1)
     assert run.wait(timeout=30).status is RunStatus.COMPLETE
@@ -240,8 +240,8 @@ def test_reaper_resumes_a_stale_run_then_gives_up(worker: WorkerProcess) -> None
 
 
 def test_cancel_mid_fan_out_starts_no_new_item(worker: WorkerProcess, make_worker: Any, redis_client: Any) -> None:
+    from haulage.workflows import registry
     from tests.test_workflows import counts
-    from workflows import registry
 
     w = make_worker(queues="crash", concurrency=2)
     w.start()

@@ -39,7 +39,7 @@ def alive(pid: int) -> bool:
 
 
 def test_demo_runs_the_example_end_to_end(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "cli", "demo"], cwd=ROOT, env=clean_env(tmp_path),
+    out = subprocess.run([sys.executable, "-m", "haulage.cli", "demo"], cwd=ROOT, env=clean_env(tmp_path),
                          capture_output=True, text=True, timeout=200)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "redis://127.0.0.1:" in out.stdout and "worker:long" in out.stdout
@@ -57,7 +57,7 @@ def test_dev_serves_restarts_and_stops(tmp_path: Path) -> None:
     env = clean_env(tmp_path)
     log = tmp_path / "dev.out"
     with open(log, "w") as out:
-        dev = subprocess.Popen([sys.executable, "-m", "cli", "dev"], cwd=ROOT, env=env, stdout=out,
+        dev = subprocess.Popen([sys.executable, "-m", "haulage.cli", "dev"], cwd=ROOT, env=env, stdout=out,
                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         wait_until(lambda: "ready" in log.read_text(), timeout=90, what="haulage dev to be ready")
@@ -68,7 +68,7 @@ def test_dev_serves_restarts_and_stops(tmp_path: Path) -> None:
         exports = dict(re.findall(r"^export (\w+)=(.*)$", Path(env_file.group(1)).read_text(), re.M))
         assert exports["HAULAGE_REDIS_URL"].startswith("redis://127.0.0.1:")
         client_env = {**env, **exports}
-        run = subprocess.run([sys.executable, "-m", "cli", "run", "bulk_invoices", "-p",
+        run = subprocess.run([sys.executable, "-m", "haulage.cli", "run", "bulk_invoices", "-p",
                               'invoices=[{"invoice_id":"A","amount":"10","currency":"EUR","country":"DE"}]',
                               "--wait", "--timeout", "60"],
                              cwd=ROOT, env=client_env, capture_output=True, text=True, timeout=90)  # fmt: skip

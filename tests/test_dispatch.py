@@ -1,7 +1,7 @@
 """Long steps as Cloud Run executions: the real google-cloud-run client against the local server.
 
 The local Cloud Run Jobs server runs in this process and starts every task as
-``python -m dispatch.job`` (so a step that ran there is a child of this
+``python -m haulage.dispatch.job`` (so a step that ran there is a child of this
 process); real Celery worker subprocesses drive the executions with the
 Cloud Run settings each test gives them through the environment.
 """
@@ -21,19 +21,19 @@ import grpc
 import pytest
 from google.cloud import run_v2
 
-from dispatch.cloudrun import env_of, job_name, reset_cloudrun
-from dispatch.local_cloudrun import Faults, LocalCloudRun, make_clients
+from haulage.devtools.local_cloudrun import Faults, LocalCloudRun, make_clients
+from haulage.devtools.redis_server import free_port
+from haulage.dispatch.cloudrun import env_of, job_name, reset_cloudrun
 from haulage.errors import CloudRunNotConfigured, ConfigError
-from haulage.redis_server import free_port
+from haulage.progress import get_store
+from haulage.progress.models import RunStatus, StepRecord, StepStatus
 from haulage.settings import load_settings, reset_settings
-from progress import get_store
-from progress.models import RunStatus, StepRecord, StepStatus
 from tests.conftest import WorkerProcess, wait_until
 
 MODULES = os.environ["HAULAGE_MODULES"]
 
 import tests.dispatch_flows  # noqa: E402,F401  (registers the flows in this process)
-from workflows import registry  # noqa: E402
+from haulage.workflows import registry  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -141,7 +141,7 @@ def timed_run(name: str, timeout: float = 60, **params: Any) -> tuple[Any, float
 
 
 def test_settings_and_routing(settings_env: Callable[..., None]) -> None:
-    from dispatch.dispatcher import DRIVER_TASK, signature_for
+    from haulage.dispatch.dispatcher import DRIVER_TASK, signature_for
     from tests.dispatch_flows import cr_probe, local_probe, mode_probe, seed
 
     flow: Any = {"attempt": 1}
@@ -172,7 +172,7 @@ def test_settings_and_routing(settings_env: Callable[..., None]) -> None:
 
 
 def test_step_dispatch_option_is_checked() -> None:
-    from tasks import step
+    from haulage.tasks import step
 
     with pytest.raises(ConfigError, match="dispatch must be one of local, cloudrun or None, got 'gcp'"):
         step(dispatch="gcp")(lambda ctx: None)
@@ -180,12 +180,12 @@ def test_step_dispatch_option_is_checked() -> None:
 
 def test_job_entrypoint_says_what_is_missing(redis_server: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOB_NAME", "HAULAGE_RUN", "HAULAGE_STEP"))}
-    done = subprocess.run([sys.executable, "-m", "dispatch.job"], cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "haulage.dispatch.job"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert done.returncode == 1
     assert "missing environment variable(s) JOB_NAME, HAULAGE_RUN_ID, HAULAGE_STEP_KEY, HAULAGE_ATTEMPT" in done.stderr
     env.update(JOB_NAME="cr_probe", HAULAGE_RUN_ID="nope", HAULAGE_STEP_KEY="0:cr_probe", HAULAGE_ATTEMPT="1")
-    done = subprocess.run([sys.executable, "-m", "dispatch.job"], cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "haulage.dispatch.job"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert done.returncode == 1 and "no message stored for step 0:cr_probe of run nope" in done.stderr
 
@@ -397,8 +397,8 @@ def test_cancelling_the_run_cancels_its_execution(worker: WorkerProcess, cloud_w
 
 def test_cancel_executions_cancels_recorded_running_executions(cloudrun: LocalCloudRun,
                                                                settings_env: Callable[..., None]) -> None:  # fmt: skip
-    from dispatch.dispatcher import cancel_executions
-    from progress.models import RunRecord
+    from haulage.dispatch.dispatcher import cancel_executions
+    from haulage.progress.models import RunRecord
 
     jobs, executions = make_clients(cloudrun.address)
     name = jobs.run_job(name=SLEEPER, timeout=5).metadata.name

@@ -9,12 +9,12 @@ import pytest
 import redis
 
 from haulage.errors import LockUnavailable
-from progress import get_store
-from progress.models import RunRecord, RunStatus
-from tasks.lock import StepLock
+from haulage.progress import get_store
+from haulage.progress.models import RunRecord, RunStatus
+from haulage.tasks.lock import StepLock
+from haulage.workflows import registry
 from tests.conftest import wait_until
 from tests.test_workflows import counts
-from workflows import registry
 
 pytestmark = pytest.mark.timeout(180)
 

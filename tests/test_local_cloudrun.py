@@ -23,7 +23,7 @@ from google.api_core.future import polling
 from google.api_core.operation import Operation
 from google.cloud import run_v2
 
-from dispatch.local_cloudrun import Faults, LocalCloudRun, make_clients
+from haulage.devtools.local_cloudrun import Faults, LocalCloudRun, make_clients
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -546,7 +546,7 @@ def test_command_line_server_serves_obeys_faults_file_and_stops_on_sigterm(
             [
                 sys.executable,
                 "-m",
-                "dispatch.local_cloudrun",
+                "haulage.devtools.local_cloudrun",
                 "--port",
                 "0",
                 "--command",

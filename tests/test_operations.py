@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from haulage.redis_server import free_port
+from haulage.devtools.redis_server import free_port
+from haulage.workflows import RunStatus, list_runs, registry
 from tests.conftest import ROOT, WorkerProcess, wait_until
-from workflows import RunStatus, list_runs, registry
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 def spawn(args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "cli", *args],
+            [sys.executable, "-m", "haulage.cli", *args],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT), **env},
             stdout=out,
@@ -183,7 +183,7 @@ def test_completion_events_and_follow_ups(worker: WorkerProcess, redis_client: A
     follow = wait_until(lambda: [r for r in list_runs(workflow="t_chain", limit=200) if f"after:{run.id}" in r.tags],
                         timeout=30, what="the follow-up run")  # fmt: skip
     assert len(follow) == 1 and follow[0].params == {"x": 4}
-    from workflows import get_run
+    from haulage.workflows import get_run
 
     assert get_run(follow[0].id).wait(timeout=30).status is RunStatus.COMPLETE
     assert get_run(follow[0].id).results() == (4 + 1) * 2 * 2

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from haulage.workflows import RunStatus, registry
 from tests.conftest import ROOT, WorkerProcess
-from workflows import RunStatus, registry
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,9 +34,9 @@ def test_watch_yields_each_change_until_the_end(worker: WorkerProcess) -> None:
 
 
 def test_watch_times_out(redis_server: str) -> None:
-    from progress import get_store
-    from progress.models import RunRecord
-    from workflows import WaitTimeout, get_run
+    from haulage.progress import get_store
+    from haulage.progress.models import RunRecord
+    from haulage.workflows import WaitTimeout, get_run
 
     record = RunRecord(id=uuid.uuid4().hex, workflow="t_chain")
     get_store().create_run(record)
@@ -56,7 +56,7 @@ def firestore_env(redis_server: str, tmp_path: Path) -> Iterator[dict[str, str]]
         "FIRESTORE_EMULATOR_HOST": host,
         "HAULAGE_FIRESTORE_PROJECT": TEST_PROJECT,
         "HAULAGE_FIRESTORE_COLLECTION": f"runs-{uuid.uuid4().hex[:8]}",
-        "HAULAGE_MODULES": "tests.flows,workflows.examples",
+        "HAULAGE_MODULES": "tests.flows,haulage.examples",
     }
     worker = WorkerProcess(tmp_path / "fs-worker.log", extra_env=env)
     worker.start()
@@ -69,7 +69,7 @@ def test_cli_progress_bar_on_firestore(firestore_env: dict[str, str]) -> None:
         [
             sys.executable,
             "-m",
-            "cli",
+            "haulage.cli",
             "run",
             "t_progress",
             "-p",
@@ -148,7 +148,7 @@ def _patch(url: str, token: str) -> int:
 
 
 def test_security_rules_owner_reads_others_refused(tmp_path: Path) -> None:
-    from progress.emulator import EmulatorMissing, start_emulator
+    from haulage.devtools.firestore_emulator import EmulatorMissing, start_emulator
 
     project = "haulage-rules"
     try:

@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 
-from workflows import RunStatus, registry
+from haulage.workflows import RunStatus, registry
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="session")
 def celery_session_app(redis_server: str) -> Any:
-    from tasks.app import app
+    from haulage.tasks.app import app
 
     return app
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from progress.models import (
+from haulage.progress.models import (
     ACTIVE,
     Checkpoint,
     Event,
@@ -26,7 +26,7 @@ from progress.models import (
     cost_increments,
     now,
 )
-from progress.store import Store
+from haulage.progress.store import Store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,8 +35,8 @@ pytestmark = pytest.mark.timeout(120)
 def store(request: pytest.FixtureRequest) -> Iterator[Store]:
     if request.param == "redis":
         request.getfixturevalue("redis_server")
+        from haulage.progress.redis_store import RedisStore
         from haulage.redis_client import get_redis
-        from progress.redis_store import RedisStore
 
         yield RedisStore(get_redis())
     else:
@@ -232,11 +232,11 @@ def test_delete_run_removes_everything(store: Store) -> None:
 
 
 def test_retention_removes_only_old_finished_runs(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    import progress
-    from workflows.retention import purge_finished
+    import haulage.progress
+    from haulage.workflows.retention import purge_finished
 
-    monkeypatch.setattr(progress, "get_store", lambda: store)
-    monkeypatch.setattr("workflows.retention.get_store", lambda: store)
+    monkeypatch.setattr(haulage.progress, "get_store", lambda: store)
+    monkeypatch.setattr("haulage.workflows.retention.get_store", lambda: store)
     owner = f"ret-{uuid.uuid4().hex[:8]}"
     old, recent, active = new_run(created_by=owner), new_run(created_by=owner), new_run(created_by=owner)
     for run in (old, recent, active):

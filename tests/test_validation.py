@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from haulage.errors import ConfigError, InvalidParams, PlanError, UnknownWorkflow
-from progress import get_store
-from tasks import step
+from haulage.progress import get_store
+from haulage.tasks import step
+from haulage.workflows import RunStatus, list_runs, registry, workflow
 from tests.conftest import ROOT, WorkerProcess
-from workflows import RunStatus, list_runs, registry, workflow
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,8 +69,8 @@ def test_bad_plan_is_rejected_before_anything_is_written(redis_server: str) -> N
 
 
 def test_plan_errors_name_the_step() -> None:
+    from haulage.workflows import chain, fan_out
     from tests.flows import add, double, square
-    from workflows import chain, fan_out
 
     with pytest.raises(PlanError, match=r"step 'add'.*unknown parameter\(s\) z; it takes x, y"):
         add.s(z=1)
@@ -119,7 +119,7 @@ def test_non_json_result_fails_naming_the_step(worker: WorkerProcess, redis_clie
 
 
 def test_changed_plan_is_a_nondeterminism_error(worker: WorkerProcess) -> None:
-    from progress.models import Checkpoint
+    from haulage.progress.models import Checkpoint
 
     key = f"nd-{uuid.uuid4().hex}"
     wf = registry.get("t_chain")
@@ -139,7 +139,7 @@ def test_unreachable_broker_leaves_no_run(redis_server: str) -> None:
     env = {**os.environ, "HAULAGE_BROKER_URL": "redis://127.0.0.1:1/0", "PYTHONPATH": str(ROOT),
            "HAULAGE_CELERY_BROKER_CONNECTION_MAX_RETRIES": "1"}  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-m", "cli", "run", "t_chain", "-p", "x=1", "--created-by", owner],
+        [sys.executable, "-m", "haulage.cli", "run", "t_chain", "-p", "x=1", "--created-by", owner],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr

@@ -7,9 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import WorkerProcess, wait_until
-from tests.flows import count
-from workflows import (
+from haulage.workflows import (
     IdempotencyConflict,
     Results,
     RunCancelled,
@@ -21,6 +19,8 @@ from workflows import (
     list_runs,
     registry,
 )
+from tests.conftest import WorkerProcess, wait_until
+from tests.flows import count
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,8 +165,8 @@ def test_get_run_and_list_runs(worker: WorkerProcess) -> None:
 
 
 def test_results_before_the_end(redis_server: str) -> None:
-    from progress import get_store
-    from progress.models import RunRecord
+    from haulage.progress import get_store
+    from haulage.progress.models import RunRecord
 
     record = RunRecord(id=uuid.uuid4().hex, workflow="t_chain")
     get_store().create_run(record)

@@ -1,58 +1,12 @@
-"""What applications use: define workflows, start runs, follow them.
+"""This deployment's workflows: the package HAULAGE_MODULES names in docker-compose.yml and the Dockerfile.
 
->>> from tasks import step, StepContext
->>> from workflows import workflow, chain, fan_out, get_run
+Haulage itself is the installed ``haulage`` package; this folder is what a
+deployment edits. Add a module per workflow here (``from haulage import step,
+workflow, chain, fan_out``) and import it below; workers, beat, the API and the
+CLI load this package at start-up, so every workflow in it is registered by name.
 """
 
 from __future__ import annotations
 
-from haulage.errors import (
-    HaulageError,
-    IdempotencyConflict,
-    InvalidParams,
-    RunCancelled,
-    RunFailed,
-    RunNotFinished,
-    RunNotFound,
-    UnknownWorkflow,
-    WaitTimeout,
-)
-from progress.models import RunRecord, RunStatus, StepRecord, StepStatus
-from tasks.results import Failure, Results
-from workflows import registry
-from workflows.plan import Chain, FanOut, chain, fan_out
-from workflows.run import Run, cancel_run, get_run, list_runs, resume_run
-from workflows.workflow import Workflow, workflow
-
-__all__ = [
-    # defining
-    "workflow",
-    "chain",
-    "fan_out",
-    "Workflow",
-    "Chain",
-    "FanOut",
-    "registry",
-    # running
-    "Run",
-    "get_run",
-    "list_runs",
-    "cancel_run",
-    "resume_run",
-    "RunRecord",
-    "RunStatus",
-    "StepRecord",
-    "StepStatus",
-    "Results",
-    "Failure",
-    # errors
-    "HaulageError",
-    "InvalidParams",
-    "UnknownWorkflow",
-    "IdempotencyConflict",
-    "RunNotFound",
-    "RunNotFinished",
-    "RunFailed",
-    "RunCancelled",
-    "WaitTimeout",
-]
+# The shipped examples (plan_review, bulk_invoices), so a fresh deployment has something to run.
+import haulage.examples  # noqa: F401

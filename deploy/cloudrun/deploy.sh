@@ -12,7 +12,7 @@ set -euo pipefail
 : "${REDIS_URL:?set REDIS_URL (Memorystore, reached through VPC_CONNECTOR)}" "${VPC_CONNECTOR:?set VPC_CONNECTOR}"
 export PROJECT REGION IMAGE REDIS_URL VPC_CONNECTOR
 export JOB="${JOB:-haulage-step}"
-export HAULAGE_MODULES="${HAULAGE_MODULES:-workflows.examples}"
+export HAULAGE_MODULES="${HAULAGE_MODULES:-workflows}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 RENDERED="$(mktemp -d)"
 trap 'rm -rf "$RENDERED"' EXIT
@@ -32,7 +32,7 @@ for sa in haulage-worker haulage-job; do  # both read and write progress documen
     --member "serviceAccount:$sa@$PROJECT.iam.gserviceaccount.com" --role roles/datastore.user >/dev/null
 done
 
-# 2. The job that runs long steps (python -m dispatch.job), one execution per step attempt.
+# 2. The job that runs long steps (python -m haulage.dispatch.job), one execution per step attempt.
 render job.yaml job.yaml
 gcloud run jobs replace "$RENDERED/job.yaml" --region "$REGION"
 

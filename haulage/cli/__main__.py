@@ -1,0 +1,3 @@
+from haulage.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""StepContext: what a running step can see and report."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from haulage.errors import Cancelled
+from haulage.progress.models import Event, RunStatus, RunUpdate, cost_increments, now
+from haulage.tasks.ledger import Ledger
+
+if TYPE_CHECKING:
+    from haulage.progress.store import Store
+    from haulage.tasks.flow import Flow
+
+log = logging.getLogger("haulage.step")
+
+# How stale a cached cancellation answer may be: ctx.cancelled is called in
+# tight loops, and one store read per second per step is plenty.
+_CANCEL_CHECK_SECONDS = 1.0
+
+
+class StepContext:
+    """Passed as the first argument of every step.
+
+    >>> def analyze_page(ctx, project_id, page):
+    ...     ctx.progress(40, "matching code sections")
+    ...     ctx.add_cost("model-x", usd=0.002, input_tokens=900, output_tokens=120)
+    ...     with ctx.once("meter-page") as first:
+    ...         if first:
+    ...             meter(project_id, page)
+    """
+
+    def __init__(self, store: Store, *, run_id: str, step_key: str, step_name: str, attempt: int,
+                 flow: Flow, backend: str = "local") -> None:  # fmt: skip
+        self._store = store
+        self.run_id = run_id
+        self.step_key = step_key
+        self.step_name = step_name
+        self.attempt = attempt
+        self.backend = backend
+        self._flow = flow
+        self._cancel_checked = 0.0
+        self._cancelled = False
+        self.log = logging.LoggerAdapter(
+            log, {"run_id": run_id, "step_key": step_key, "attempt": attempt, "backend": backend}
+        )
+
+    def progress(self, percent: float, message: str = "") -> None:
+        """Report this step's progress (0-100) and a message shown on the run."""
+        if self.cancelled:
+            return  # the run's last word is "cancelled"; a late progress message must not replace it
+        percent = max(0.0, min(100.0, float(percent)))
+        update = RunUpdate(set={"message": message, "heartbeat": now()} if message else {"heartbeat": now()})
+        if self._flow["item"] is None and self._flow["units"] <= 1:
+            # A stage of one step moves the run's bar itself; fan-out items move it as they finish.
+            fraction = self._flow["stage"] + percent / 100.0
+            update.maximum["percent"] = round(100.0 * fraction / max(self._flow["stages"], 1), 1)
+        self._store.update_run(self.run_id, update)
+
+    def add_cost(self, model: str, *, usd: float = 0.0, input_tokens: int = 0, output_tokens: int = 0,
+                 calls: int = 1) -> None:  # fmt: skip
+        """Add spending on ``model`` to the run's per-model totals (usd, tokens, calls)."""
+        if not model:
+            raise ValueError("add_cost: model must be a non-empty name")
+        self._store.update_run(
+            self.run_id,
+            RunUpdate(
+                incr=cost_increments(
+                    model, usd=usd, input_tokens=input_tokens, output_tokens=output_tokens, calls=calls
+                )
+            ),  # fmt: skip
+        )
+
+    def event(self, message: str, kind: str = "step") -> None:
+        """Append a line to the run's history."""
+        self._store.update_run(self.run_id, RunUpdate(events=[Event(now(), kind, message, self.step_key)]))
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the run is cancelled: a long step should stop at its next safe point."""
+        if self._cancelled:
+            return True
+        if time.monotonic() - self._cancel_checked >= _CANCEL_CHECK_SECONDS:
+            self._cancel_checked = time.monotonic()
+            status, _ = self._store.load_step_state(self.run_id, [])
+            self._cancelled = status is None or status is RunStatus.CANCELLED
+        return self._cancelled
+
+    def raise_if_cancelled(self) -> None:
+        """Stop the step here if its run was cancelled: raises :class:`~haulage.errors.Cancelled`.
+
+        ``Cancelled`` is a ``BaseException``, so step code's own ``except Exception`` lets it through.
+        """
+        if self.cancelled:
+            raise Cancelled(f"run {self.run_id} was cancelled")
+
+    @contextmanager
+    def once(self, key: str) -> Iterator[bool]:
+        """Guard a side effect so it happens at most once per run and step.
+
+        Yields True to the first attempt that gets here, False to every later
+        attempt, retry, redelivery or resume. The guard is claimed before the
+        effect and marked done after it; if the block raises, the claim is
+        released so a retry may perform the effect. If the process dies inside
+        the block, the effect's outcome is unknown and it is not performed
+        again (at most once); make the effect idempotent with ``guard_id`` to
+        close that window.
+        """
+        guard = f"{self.step_key}:{key}"
+        token = uuid.uuid4().hex
+        held = self._store.claim_guard(self.run_id, guard, token)
+        first = held is None
+        if held is not None and held != "done":
+            self.log.warning("once(%r): an earlier attempt died inside the guarded block; not repeating it", key)
+        try:
+            yield first
+        except BaseException:
+            if first:
+                self._store.finish_guard(self.run_id, guard, token, done=False)
+            raise
+        if first:
+            self._store.finish_guard(self.run_id, guard, token, done=True)
+
+    def ledger(self, name: str) -> Ledger:
+        """The processed-item ledger ``name`` of this step: ``done(id)``, ``mark(id)``, ``pending(items, key=)``."""
+        from haulage.redis_client import get_redis
+
+        return Ledger(get_redis(), self.run_id, self.step_key, name)
+
+    def guard_id(self, key: str) -> str:
+        """A stable id for the effect guarded by ``once(key)``: pass it to systems that dedupe."""
+        return f"{self.run_id}:{self.step_key}:{key}"
+
+    def __repr__(self) -> str:
+        return f"<StepContext run={self.run_id} step={self.step_key} attempt={self.attempt}>"

@@ -1,0 +1,455 @@
+"""The durable step wrapper: check, lock, run, record.
+
+Every attempt at a step runs through :class:`Attempt`, in this order:
+1. a run that is terminal is never re-run: the delivery is acknowledged and does nothing;
+2. a checkpoint for (run_id, step_key) is returned at once (replay), after a name check;
+3. the step lock is taken (fail closed); a delivery that finds it held comes back later;
+4. the step runs; its result is checked for JSON and written as a create-if-absent checkpoint;
+5. failures retry with backoff (the step QUEUED meanwhile); the last attempt records the failure.
+Values pass between steps through the store; messages carry references only.
+
+``Attempt`` holds no Celery: a Celery task runs it through :func:`execute_step`
+(:class:`CeleryAttempt`), and the Cloud Run job container (``haulage.dispatch.job``)
+through its own subclass, so both run the same checks, lock and checkpoint.
+The hooks a subclass adapts are where the two differ: waiting for a held lock,
+and what a failed attempt does next (retry here, or report to the dispatcher).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from haulage import keys
+from haulage.errors import (
+    Cancelled,
+    LockUnavailable,
+    MissingCheckpoint,
+    NondeterminismError,
+    PlanError,
+    RunCancelled,
+    StepFailed,
+    StepResultNotSerializable,
+)
+from haulage.jsonutil import check_serializable
+from haulage.logs import step_scope
+from haulage.progress import get_store
+from haulage.progress.models import (
+    Checkpoint,
+    Event,
+    RunStatus,
+    RunUpdate,
+    StepRecord,
+    StepStatus,
+    now,
+)
+from haulage.progress.store import Store
+from haulage.redis_client import get_redis
+from haulage.settings import get_settings
+from haulage.tasks.context import StepContext
+from haulage.tasks.ending import end_run
+from haulage.tasks.flow import Flow, failure_ref, is_failure, ok_ref, skipped_ref, stage_percent
+from haulage.tasks.heartbeat import Heartbeat
+from haulage.tasks.lock import StepLock
+from haulage.tasks.results import Failure, Results
+from haulage.tasks.step import Step
+
+log = logging.getLogger("haulage.durable")
+
+# Programming errors: retrying them cannot help.
+_NEVER_RETRY: tuple[type[BaseException], ...] = (
+    StepResultNotSerializable,
+    NondeterminismError,
+    PlanError,
+    TypeError,
+)
+
+#: seconds a delivery that finds the step locked waits before looking again
+LOCK_WAIT = 2.0
+
+
+def input_keys(flow: Flow, prev: Any) -> list[str]:
+    """The checkpoint keys this step's input comes from."""
+    if flow["input"] == "value" and isinstance(prev, dict) and prev.get("ok") == 1:
+        return [prev["k"]]
+    if flow["input"] == "results" and isinstance(prev, list):
+        return [r["k"] for r in prev if isinstance(r, dict) and r.get("ok") == 1]
+    return []
+
+
+def build_input(flow: Flow, prev: Any, cps: dict[str, Checkpoint]) -> tuple[list[Any], Results | None]:
+    """The positional input for the step, and the fan-out Results when that is what it gets."""
+    if flow["input"] == "none":
+        return [], None
+    if flow["input"] == "value":
+        cp = cps.get(prev["k"]) if isinstance(prev, dict) else None
+        if cp is None:
+            raise MissingCheckpoint(f"the checkpoint of the previous step {prev!r} is missing")
+        return [cp.value], None
+    refs = sorted((r for r in prev or [] if isinstance(r, dict)), key=lambda r: r.get("i") or 0)
+    successes, failures = [], []
+    for ref in refs:
+        if ref.get("ok") == 1:
+            cp = cps.get(ref["k"])
+            if cp is None:
+                raise MissingCheckpoint(f"the checkpoint of fan-out step {ref['k']!r} is missing")
+            successes.append(cp.value)
+        elif "error_type" in ref:
+            failures.append(Failure(ref.get("params") or {}, ref["error_type"], ref["message"], ref["k"]))
+    results = Results(successes, failures)
+    return [results], results
+
+
+def fail_run(store: Store, run_id: str, error: str, step_key: str | None = None, result: Any = None) -> bool:
+    """End the run FAILED with ``error`` unless it already ended."""
+    return end_run(
+        store,
+        run_id,
+        RunStatus.FAILED,
+        RunUpdate(
+            set={"error": error, "message": error, "finished_at": now(), "result": result},
+            events=[Event(now(), "failed", error, step_key)],
+        ),
+    )
+
+
+def policy_blocks(store: Store, run_id: str, flow: Flow, results: Results | None, key: str) -> bool:
+    """Apply on_failure="fail": a fan-out with failures ends the run before the next stage."""
+    if results is None or results.ok or flow["on_failure"] != "fail":
+        return False
+    first = results.failures[0]
+    fail_run(
+        store,
+        run_id,
+        f"{len(results.failures)} of {len(results)} fan-out items failed "
+        f"(first: {first.step}: {first.error_type}: {first.message})",
+        key,
+        result=results_summary(results),
+    )
+    return True
+
+
+#: failures listed in a run document's result summary
+SUMMARY_FAILURES = 100
+
+
+def results_summary(results: Results) -> dict[str, Any]:
+    return {
+        "successes": len(results.successes),
+        "failed": len(results.failures),
+        "failures": [f.to_dict() for f in results.failures[:SUMMARY_FAILURES]],
+    }
+
+
+def mark_processing(store: Store, run_id: str, flow: Flow) -> None:
+    if flow["stage"] == 0:
+        store.transition(
+            run_id,
+            RunStatus.PROCESSING,
+            allowed_from={RunStatus.PENDING},
+            update=RunUpdate(set={"started_at": now()}, events=[Event(now(), "started", "run started")]),
+        )
+
+
+@dataclass
+class Finished:
+    """What :func:`prepare` returns when the step must not run: the reference to return instead."""
+
+    ref: Any
+    status: RunStatus | None = None  #: the run's status when it is terminal (or None: gone or not terminal)
+
+
+@dataclass
+class Ready:
+    """What :func:`prepare` returns when the step should run: its input."""
+
+    inputs: list[Any]
+    results: Results | None
+
+
+def prepare(store: Store, step: Step, args: tuple[Any, ...], *, run_id: str, key: str,
+            flow: Flow) -> Finished | Ready:  # fmt: skip
+    """The checks made before anything runs: a failed input, a terminal run, a checkpoint, the fan-in policy."""
+    item = flow["item"]
+    prev = args[0] if args else None
+    if flow["input"] == "value" and is_failure(prev):
+        return Finished(prev)  # an earlier step of this fan-out item failed: carry its failure to the fan-in
+    status, cps = store.load_step_state(run_id, [key, *input_keys(flow, prev)])
+    if status is None or status.terminal:
+        log.info("run %s is %s; step %s not run", run_id, status.value if status else "gone", key)
+        return Finished(skipped_ref(key, item, status.value if status else "missing"), status)
+    own = cps.get(key)
+    if own is not None:
+        try:
+            check_name(own, step.name, key)
+        except NondeterminismError as exc:
+            fail_run(store, run_id, f"{type(exc).__name__}: {exc}", key)
+            raise
+        return Finished(ok_ref(key, item))
+    inputs, results = build_input(flow, prev, cps)
+    if policy_blocks(store, run_id, flow, results, key):
+        return Finished(skipped_ref(key, item, "failed"))
+    return Ready(inputs, results)
+
+
+class Attempt:
+    """One attempt at one step, run durably; subclasses adapt it to where it runs.
+
+    ``backend`` is recorded on the step ("local", "local-fallback", "cloudrun")
+    with ``note`` (why it runs there) and ``execution`` (a Cloud Run execution).
+    """
+
+    def __init__(self, step: Step, *, run_id: str, key: str, params: dict[str, Any], flow: Flow,
+                 task_id: str | None = None, backend: str = "local", note: str = "",
+                 execution: str | None = None) -> None:  # fmt: skip
+        self.step = step
+        self.run_id = run_id
+        self.key = key
+        self.params = params
+        self.flow = flow
+        self.attempt = flow["attempt"]
+        self.task_id = task_id
+        self.backend = backend
+        self.note = note
+        self.execution = execution
+        #: the stage whose finished-unit counter this attempt bumps when it releases the lock
+        self.counted: int | None = None
+
+    # --- hooks ----------------------------------------------------------
+    def acquire(self, lock: StepLock) -> bool:
+        """Take the step lock. False: give up because the step was finished meanwhile."""
+        raise NotImplementedError
+
+    def on_error(self, store: Store, exc: Exception) -> Any:
+        """The step raised ``exc``: retry, record the failure, or report it. Returns the step's reference."""
+        raise NotImplementedError
+
+    # --- the core -------------------------------------------------------
+    def previous_attempt_died(self, store: Store) -> Any:
+        """After a lock takeover: count the dead holder's attempt against the retries.
+
+        A killed worker (SIGKILL, OOM, a lost machine) ends an
+        attempt without an exception anyone could catch; its step record still
+        says RUNNING. Returns the failure
+        reference when that was the last attempt allowed, else None and this
+        delivery runs as the next attempt.
+        """
+        prev = store.get_step(self.run_id, self.key)
+        if prev is None or prev.status is not StepStatus.RUNNING or prev.attempt < self.attempt:
+            return None
+        error_type, message = "WorkerLost", "the process running the step died"
+        if self.step.policy.exhausted(prev.attempt):
+            self.counted = self.flow["stage"]
+            return record_failure(store, self.run_id, self.step, self.key, prev.attempt, error_type, message,
+                                  self.params, self.flow, backend=self.backend, note=self.note)  # fmt: skip
+        self.attempt = prev.attempt + 1
+        store.update_run(self.run_id, RunUpdate(events=[Event(
+            now(), "retry", f"{self.step.name} attempt {prev.attempt} ended: {error_type}: {message}; "
+            f"running attempt {self.attempt}", self.key)]))  # fmt: skip
+        return None
+
+    def record(self, status: StepStatus, **fields: Any) -> StepRecord:
+        return StepRecord(self.key, self.step.name, status, self.attempt, backend=self.backend,
+                          message=self.note, execution=self.execution, **fields)  # fmt: skip
+
+    def run(self, *args: Any) -> Any:
+        store = get_store()
+        step, run_id, key, flow = self.step, self.run_id, self.key, self.flow
+        item = flow["item"]
+        ready = prepare(store, step, args, run_id=run_id, key=key, flow=flow)
+        if isinstance(ready, Finished):
+            return ready.ref
+
+        lock = StepLock(get_redis(), run_id, key, step.hard_limit + get_settings().lock_margin)
+        if not self.acquire(lock):
+            return ok_ref(key, item)
+        try:
+            mark_processing(store, run_id, flow)
+            if store.start_step(run_id, self.record(StepStatus.RUNNING, task_id=self.task_id),
+                                RunUpdate(set={"heartbeat": now()})) is not None:  # fmt: skip
+                return ok_ref(key, item)  # finished by another delivery while we waited for the lock
+            if lock.stolen:
+                log.warning("step %s of run %s: took the lock over from a holder that died", key, run_id)
+                dead = self.previous_attempt_died(store)
+                if dead is not None:
+                    return dead
+            last_error = flow.get("last_error")
+            if last_error and step.policy.exhausted(self.attempt - 1):
+                # The previous attempt was killed at its hard time limit and it was the last one allowed.
+                self.counted = flow["stage"]
+                return record_failure(store, run_id, step, key, self.attempt - 1, last_error[0], last_error[1],
+                                      self.params, flow, backend=self.backend, note=self.note)  # fmt: skip
+            ctx = StepContext(store, run_id=run_id, step_key=key, step_name=step.name, attempt=self.attempt,
+                              flow=flow, backend=self.backend)  # fmt: skip
+            try:
+                with Heartbeat(lock, store, run_id), step_scope(run_id=run_id, step_key=key, attempt=self.attempt,
+                                                                backend=self.backend):  # fmt: skip
+                    value = step.func(ctx, *ready.inputs, **self.params)
+                reason = check_serializable(value)
+                if reason:
+                    raise StepResultNotSerializable(
+                        f"step {step.name!r} ({key}) returned a value that is not JSON: {reason}"
+                    )
+            except (Cancelled, RunCancelled):
+                store.put_step(run_id, self.record(StepStatus.CANCELLED))
+                return skipped_ref(key, item, RunStatus.CANCELLED.value)
+            except Exception as exc:
+                return self.on_error(store, exc)
+
+            checkpoint = Checkpoint(key, step.name, value, self.attempt)
+            done = self.record(StepStatus.COMPLETE, percent=100.0, task_id=self.task_id)
+            update = RunUpdate(incr={"steps.done": 1}, set={"heartbeat": now()})
+            if item is None:
+                update.maximum["percent"] = stage_percent(flow, flow["units"])
+                update.events.append(Event(now(), "step", f"{step.name} complete", key))
+            stored = store.complete_step(run_id, checkpoint, done, update)
+            if stored is not checkpoint:
+                check_name(stored, step.name, key)
+            elif item is not None:
+                self.counted = flow["stage"]
+            return ok_ref(key, item)
+        finally:
+            finished = lock.release(count_stage=self.counted)
+            if self.counted is not None and item is not None:
+                report_stage_progress(store, run_id, flow, finished)
+
+
+class CeleryAttempt(Attempt):
+    """An attempt run by a step's Celery task: a held lock and a failure both come back as ``task.retry``."""
+
+    def __init__(self, task: Any, step: Step, **kwargs: Any) -> None:
+        super().__init__(step, task_id=task.request.id, **kwargs)
+        self.task = task
+
+    def acquire(self, lock: StepLock) -> bool:
+        try:
+            acquired = lock.acquire()
+        except LockUnavailable as exc:
+            log.warning("step %s of run %s: %s; retrying later", self.key, self.run_id, exc)
+            raise self.task.retry(countdown=LOCK_WAIT, exc=exc) from exc
+        if not acquired:
+            # Another delivery of this step runs now; come back and find its checkpoint.
+            raise self.task.retry(countdown=LOCK_WAIT * random.uniform(0.5, 1.5))
+        return True
+
+    def on_error(self, store: Store, exc: Exception) -> Any:
+        step, attempt = self.step, self.attempt
+        error_type, message = type(exc).__name__, str(exc)
+        if retryable(step, exc) and not step.policy.exhausted(attempt):
+            countdown = step.policy.countdown(attempt)
+            record_retry(store, self.run_id, step, self.key, attempt, error_type, message, countdown, self.task_id,
+                         backend=self.backend, note=self.note)  # fmt: skip
+            raise self.task.retry(countdown=countdown, kwargs=self.retry_kwargs()) from exc
+        self.counted = self.flow["stage"]
+        return record_failure(store, self.run_id, step, self.key, attempt, error_type, message, self.params,
+                              self.flow, backend=self.backend, note=self.note)  # fmt: skip
+
+    def retry_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"run_id": self.run_id, "key": self.key, "params": self.params,
+                                  "flow": dict(self.flow, attempt=self.attempt + 1)}  # fmt: skip
+        if self.backend != "local":  # a fallback stays one on its retries
+            kwargs.update(backend=self.backend, backend_note=self.note)
+        return kwargs
+
+
+def execute_step(task: Any, step: Step, *args: Any, run_id: str, key: str, params: dict[str, Any],
+                 flow: Flow, backend: str = "local", backend_note: str = "") -> Any:  # fmt: skip
+    """The body of every step's Celery task (``backend``/``backend_note``: set by a Cloud Run fallback)."""
+    attempt = CeleryAttempt(task, step, run_id=run_id, key=key, params=params, flow=flow, backend=backend,
+                            note=backend_note)  # fmt: skip
+    return attempt.run(*args)
+
+
+def check_name(cp: Checkpoint, name: str, key: str) -> None:
+    if cp.name != name:
+        raise NondeterminismError(
+            f"step {key!r} was checkpointed by {cp.name!r} but is now {name!r}; "
+            "the workflow's plan changed while this run was in flight: check that it is deterministic"
+        )
+
+
+def retryable(step: Step, exc: BaseException) -> bool:
+    """False for programming errors and the step's ``no_retry_on`` types: another attempt cannot help."""
+    return not isinstance(exc, _NEVER_RETRY + step.no_retry_on)
+
+
+def record_retry(store: Store, run_id: str, step: Step, key: str, attempt: int, error_type: str, message: str,
+                 countdown: float, task_id: str | None, *, backend: str = "local", note: str = "") -> None:  # fmt: skip
+    """Record that ``attempt`` failed and the next one starts in ``countdown`` seconds."""
+    # QUEUED with retry_at tells the stale-run reaper this step is waiting out its backoff.
+    store.put_step(
+        run_id,
+        StepRecord(
+            key,
+            step.name,
+            StepStatus.QUEUED,
+            attempt + 1,
+            error_type=error_type,
+            error=message,
+            retry_at=now() + countdown,
+            task_id=task_id,
+            backend=backend,
+            message=note,
+        ),  # fmt: skip
+    )
+    store.update_run(
+        run_id,
+        RunUpdate(
+            set={"heartbeat": now()},
+            events=[
+                Event(
+                    now(),
+                    "retry",
+                    f"{step.name} attempt {attempt} failed ({error_type}: {message}); retrying in {countdown:.1f}s",
+                    key,
+                )
+            ],  # fmt: skip
+        ),
+    )
+    log.warning("step %s of run %s failed (attempt %d): %s: %s; retry in %.1fs",
+                key, run_id, attempt, error_type, message, countdown)  # fmt: skip
+
+
+def record_failure(store: Store, run_id: str, step: Step, key: str, attempt: int, error_type: str, message: str,
+                   params: dict[str, Any], flow: Flow, *, backend: str = "local", note: str = "",
+                   execution: str | None = None) -> Any:  # fmt: skip
+    """Record the step's final failure: a fan-out item returns its failure reference, a chain step fails the run."""
+    store.put_step(
+        run_id,
+        StepRecord(
+            key,
+            step.name,
+            StepStatus.FAILED,
+            attempt,
+            error_type=error_type,
+            error=message,
+            backend=backend,
+            message=note,
+            execution=execution,
+        ),  # fmt: skip
+    )
+    summary = f"{step.name} failed after {attempt} attempt(s): {error_type}: {message}"
+    store.update_run(run_id, RunUpdate(incr={"steps.failed": 1}, events=[Event(now(), "step-failed", summary, key)]))
+    log.error("step %s of run %s %s", key, run_id, summary)
+    if flow["item"] is not None:
+        return failure_ref(key, flow["item"], flow.get("item_params", params), error_type, message)
+    fail_run(store, run_id, f"step {key} failed: {error_type}: {message}", key)
+    raise StepFailed(f"step {key} of run {run_id} failed: {error_type}: {message}")
+
+
+def count_finished_unit(run_id: str, flow: Flow) -> int:
+    """Count one finished unit of the step's stage without holding its lock (a dispatcher recording a failure).
+
+    The same counter the lock release bumps; returns its new value.
+    """
+    return int(get_redis().hincrby(keys.stage_progress(run_id), str(flow["stage"]), 1))
+
+
+def report_stage_progress(store: Store, run_id: str, flow: Flow, finished: int) -> None:
+    # Write the percent only when its whole number moves: a 1,000-item fan-out
+    # makes at most 100 such writes, not 1,000.
+    now_pct, before = stage_percent(flow, finished), stage_percent(flow, finished - 1)
+    if int(now_pct) != int(before) or finished >= flow["units"]:
+        store.update_run(run_id, RunUpdate(maximum={"percent": now_pct}))

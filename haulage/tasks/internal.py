@@ -1,0 +1,150 @@
+"""Haulage's own tasks: expanding a fan-out, and finishing a run."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import chain, group
+from celery.canvas import Signature
+
+from haulage.dispatch.dispatcher import signature_for
+from haulage.errors import HaulageError, PlanError
+from haulage.jsonutil import dumps
+from haulage.progress import get_store
+from haulage.progress.models import Checkpoint, Event, RunStatus, RunUpdate, now
+from haulage.tasks.app import app
+from haulage.tasks.durable import build_input, fail_run, input_keys, mark_processing, policy_blocks, results_summary
+from haulage.tasks.ending import end_run
+from haulage.tasks.flow import Flow, skipped_ref
+from haulage.tasks.results import Results
+from haulage.tasks.step import get_step
+
+log = logging.getLogger("haulage.internal")
+
+#: seconds between looks while waiting for a coalescing store's counters to land
+SETTLE_POLL = 0.5
+#: the checkpoint key of a run's final value
+RESULT_KEY = "end"
+#: a final value up to this size (JSON characters) is copied into the run document's summary
+SUMMARY_LIMIT = 4096
+
+
+def item_key(stage: int, sub_index: int, sub_count: int, name: str, item: int) -> str:
+    """Deterministic key of a fan-out item's step, from its position: ``1:analyze_page[17]``."""
+    where = str(stage) if sub_count == 1 else f"{stage}.{sub_index}"
+    return f"{where}:{name}[{item}]"
+
+
+def item_signature(run_id: str, spec: dict[str, Any], flow: Flow, index: int, item: dict[str, Any],
+                   count: int) -> Signature:  # fmt: skip
+    subs = spec["steps"]
+    sigs = []
+    for n, sub in enumerate(subs):
+        step = get_step(sub["step"])
+        params = {**sub["params"], **spec["kwargs"], **item} if n == 0 else dict(sub["params"])
+        item_flow: Flow = {
+            **flow,
+            "item": index,
+            "units": count * len(subs),
+            "input": "none" if n == 0 else "value",
+            "attempt": 1,
+            "item_params": item,
+        }
+        key = item_key(flow["stage"], n, len(subs), step.name, index)
+        sigs.append(signature_for(step, run_id=run_id, key=key, params=params, flow=item_flow))
+    return sigs[0] if len(sigs) == 1 else chain(*sigs)
+
+
+@app.task(name="haulage.fan_out", bind=True, typing=False, max_retries=None)
+def expand_fan_out(task: Any, *args: Any, run_id: str, key: str, spec: dict[str, Any], flow: Flow) -> Any:
+    """Expand a fan-out stage into a chord of its items, then carry on with the rest of the chain."""
+    store = get_store()
+    prev = args[0] if args else None
+    dynamic = spec["items"] is None
+    status, cps = store.load_step_state(run_id, [key, *input_keys(flow, prev)])
+    if status is None or status.terminal:
+        return skipped_ref(key, None, status.value if status else "missing")
+    try:
+        items = spec["items"] if not dynamic else build_input(flow, prev, cps)[0][0]
+        items = _check_items(items, spec, flow)
+    except (PlanError, HaulageError) as exc:
+        fail_run(store, run_id, str(exc), key)
+        return skipped_ref(key, None, "failed")
+    mark_processing(store, run_id, flow)
+    subs = len(spec["steps"])
+    if store.put_checkpoint(run_id, Checkpoint(key, "fan_out", {"count": len(items)})):
+        # First expansion only: a resume re-expands but must not count the items twice.
+        store.update_run(
+            run_id,
+            RunUpdate(
+                incr={"steps.total": len(items) * subs},
+                events=[
+                    Event(now(), "fan-out", f"fan-out over {len(items)} item(s) of {spec['steps'][0]['step']}", key)
+                ],  # fmt: skip
+            ),
+        )
+    if not items:
+        return []
+    header = group(item_signature(run_id, spec, flow, i, item, len(items)) for i, item in enumerate(items))
+    return task.replace(header)
+
+
+def _check_items(items: Any, spec: dict[str, Any], flow: Flow) -> list[dict[str, Any]]:
+    first = get_step(spec["steps"][0]["step"])
+    source = "the previous stage's output" if spec["items"] is None else "the fan-out items"
+    if not isinstance(items, list):
+        raise PlanError(f"fan-out over {first.name!r}: {source} must be a list of dicts, got {type(items).__name__}")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise PlanError(
+                f"fan-out over {first.name!r}: item {i} of {source} must be a dict of parameters, "
+                f"got {type(item).__name__}: {dumps(item)[:80]}"
+            )
+        first.check_kwargs({**spec["steps"][0]["params"], **spec["kwargs"], **item}, takes_input=False,
+                           where=f"fan-out item {i}")  # fmt: skip
+    return items
+
+
+@app.task(name="haulage.finish", bind=True, typing=False, max_retries=None)
+def finish_run(task: Any, *args: Any, run_id: str, flow: Flow, settled_for: float = 0.0) -> Any:
+    """Record the run's final value and end it COMPLETE (or FAILED under on_failure="fail")."""
+    store = get_store()
+    prev = args[0] if args else None
+    status, cps = store.load_step_state(run_id, input_keys(flow, prev))
+    if status is None or status.terminal:
+        return None
+    if settled_for < store.settle_seconds and not _counters_landed(store, run_id):
+        # A coalescing store (Firestore) may still hold other workers' counter updates;
+        # the final document should show them, so wait for them, briefly.
+        raise task.retry(countdown=SETTLE_POLL, kwargs={"run_id": run_id, "flow": flow,
+                                                        "settled_for": settled_for + SETTLE_POLL})  # fmt: skip
+    inputs, results = build_input(flow, prev, cps)
+    if policy_blocks(store, run_id, flow, results, RESULT_KEY):
+        return None
+    final = results.to_dict() if results is not None else (inputs[0] if inputs else None)
+    store.put_checkpoint(run_id, Checkpoint(RESULT_KEY, RESULT_KEY, final))
+    summary = _summary(final, results)
+    message = "complete" if results is None or results.ok else f"complete with {len(results.failures)} failure(s)"
+    end_run(
+        store,
+        run_id,
+        RunStatus.COMPLETE,
+        RunUpdate(
+            set={"result": summary, "percent": 100.0, "message": message, "finished_at": now()},
+            events=[Event(now(), "complete", message)],
+        ),
+    )
+    return None
+
+
+def _counters_landed(store: Any, run_id: str) -> bool:
+    run = store.get_run(run_id)
+    return run is None or run.steps.done + run.steps.failed >= run.steps.total
+
+
+def _summary(final: Any, results: Results | None) -> Any:
+    if results is not None:
+        return results_summary(results)
+    text = dumps(final)
+    return final if len(text) <= SUMMARY_LIMIT else {"truncated": True, "size": len(text)}

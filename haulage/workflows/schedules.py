@@ -1,0 +1,67 @@
+"""Recurring runs: ``@workflow(..., schedule=...)`` entries for Celery beat.
+
+Beat runs with the Redis-backed RedBeat scheduler, whose lock lets only one
+beat process fire at a time. Even a doubled beat (two processes with two
+locks, or a lock that expired under a stalled beat) makes one run per tick:
+each scheduled run's idempotency key is derived from (schedule name, tick).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from celery.schedules import crontab, schedule
+
+from haulage.tasks.app import app
+from haulage.workflows import registry
+
+log = logging.getLogger("haulage.schedules")
+
+#: beat entries of Haulage's own maintenance jobs, added by the modules that define them
+MAINTENANCE: dict[str, dict[str, Any]] = {}
+
+
+def tick_of(spec: Any, at: float) -> str:
+    """The schedule tick that a firing at ``at`` belongs to.
+
+    Rounded to the nearest tick, not floored: two beats firing a moment before
+    and a moment after the due time agree on the tick.
+    """
+    if isinstance(spec, crontab):
+        return datetime.fromtimestamp(round(at / 60) * 60, UTC).strftime("%Y%m%dT%H%M")
+    seconds = spec.run_every.total_seconds() if isinstance(spec, schedule) else float(spec)
+    return str(math.floor(at / seconds + 0.5))
+
+
+def beat_schedule() -> dict[str, dict[str, Any]]:
+    """Entries for every scheduled workflow and the maintenance jobs (load modules first)."""
+    import haulage.workflows.reaper  # noqa: F401 - registers the reaper's entry
+    import haulage.workflows.retention  # noqa: F401 - and retention's
+
+    entries = dict(MAINTENANCE)
+    for wf in registry.all_workflows():
+        if wf.schedule is None:
+            continue
+        spec = wf.schedule if isinstance(wf.schedule, crontab | schedule) else timedelta(seconds=float(wf.schedule))
+        entries[f"workflow:{wf.name}"] = {
+            "task": "haulage.start_scheduled",
+            "schedule": spec,
+            "kwargs": {"workflow": wf.name, "schedule_name": f"workflow:{wf.name}"},
+            "options": {"queue": "short"},
+        }
+    return entries
+
+
+@app.task(name="haulage.start_scheduled", typing=False, max_retries=None)
+def start_scheduled(workflow: str, schedule_name: str) -> str:
+    """Start one scheduled run; the same tick always names the same run."""
+    wf = registry.get(workflow)
+    tick = tick_of(wf.schedule, time.time())
+    run = wf.start(idempotency_key=f"{schedule_name}:{tick}", tags=["scheduled", schedule_name],
+                   created_by="haulage-beat", **(wf.schedule_params or {}))  # fmt: skip
+    log.info("scheduled run %s of %s for tick %s", run.id, workflow, tick)
+    return run.id
