@@ -14,7 +14,7 @@ from haulage.progress.models import RunRecord, RunStatus
 from haulage.tasks.lock import StepLock
 from haulage.workflows import registry
 from tests.conftest import wait_until
-from tests.test_workflows import counts
+from tests.integration.test_workflows import counts
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -37,7 +37,7 @@ from haulage.workflows import registry  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 JOB = "projects/haulage-test/locations/local/jobs/haulage-step"
 SLEEPER = "projects/haulage-test/locations/local/jobs/sleeper"
 

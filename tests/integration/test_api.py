@@ -216,18 +216,18 @@ def test_users_see_only_their_own_runs_unless_admin(fb: TestClient, tokens: dict
 
 
 def only_bulk_invoices(user: User, workflow: str, params: Any) -> bool:
-    """A custom authoriser loaded by path (HAULAGE_API_AUTHORIZER=tests.test_api:only_bulk_invoices)."""
+    """A custom authoriser loaded by path (HAULAGE_API_AUTHORIZER=tests.integration.test_api:only_bulk_invoices)."""
     return workflow == "bulk_invoices"
 
 
 def test_the_authorisation_check_is_pluggable(redis_server: str) -> None:
-    settings = ApiSettings(auth="dev", dev_token=DEV_TOKEN, authorizer="tests.test_api:only_bulk_invoices")
+    settings = ApiSettings(auth="dev", dev_token=DEV_TOKEN, authorizer="tests.integration.test_api:only_bulk_invoices")
     client = TestClient(create_app(settings))
     assert client.post("/v1/workflows/t_chain/runs", json={"params": {"x": 1}}, headers=DEV).status_code == 403
     r = client.post("/v1/workflows/bulk_invoices/runs", json={"params": {"invoices": []}}, headers=DEV)
     assert r.status_code == 202, r.text
     with pytest.raises(ConfigError, match="cannot load"):
-        create_app(ApiSettings(auth="dev", dev_token=DEV_TOKEN, authorizer="tests.test_api:missing"))
+        create_app(ApiSettings(auth="dev", dev_token=DEV_TOKEN, authorizer="tests.integration.test_api:missing"))
 
 
 def test_idempotency_keys_are_per_user(fb: TestClient, tokens: dict[str, dict[str, str]]) -> None:

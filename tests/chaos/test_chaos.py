@@ -241,7 +241,7 @@ def test_reaper_resumes_a_stale_run_then_gives_up(worker: WorkerProcess) -> None
 
 def test_cancel_mid_fan_out_starts_no_new_item(worker: WorkerProcess, make_worker: Any, redis_client: Any) -> None:
     from haulage.workflows import registry
-    from tests.test_workflows import counts
+    from tests.integration.test_workflows import counts
 
     w = make_worker(queues="crash", concurrency=2)
     w.start()

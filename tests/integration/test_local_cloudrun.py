@@ -28,7 +28,7 @@ from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 JOB = "projects/test-project/locations/local/jobs/step"
 EXECUTION_NAME = re.compile(rf"^{JOB}/executions/step-[a-z0-9]{{5}}$")
 State = run_v2.Condition.State
