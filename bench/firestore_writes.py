@@ -2,7 +2,7 @@
 
 Firestore sustains about one write per second per document; this replays the
 engine's store traffic for a fan-out against the emulator and counts the
-commits that reach the run document. Per item, as tasks/durable.py makes them:
+commits that reach the run document. Per item, as the durable wrapper makes them (haulage/tasks/):
 ``load_step_state``, ``start_step``, a progress ``update_run`` (message,
 heartbeat), a cost ``update_run``, ``complete_step``, and a percent
 ``update_run`` each time the whole percent moves; then the finish task's
@@ -62,7 +62,7 @@ def main() -> int:
 
 
 def bench(items: int, processes: int, threads: int, coalesce: float) -> int:
-    from haulage.progress.firestore_store import FirestoreStore
+    from haulage.progress.firestore import FirestoreStore
 
     collection = f"tasks-{uuid.uuid4().hex[:8]}"
     stores = [
@@ -104,7 +104,7 @@ def bench(items: int, processes: int, threads: int, coalesce: float) -> int:
                 store.complete_step(run_id, Checkpoint(key, "analyze_page", {"page": i, "findings": 3}), done,
                                     RunUpdate(incr={"steps.done": 1}, set={"heartbeat": now()}))  # fmt: skip
                 n = next(finished)
-                # tasks/durable.py writes the percent only when its whole number moves.
+                # tasks/records.py writes the percent only when its whole number moves.
                 if int(100 * n / items) != int(100 * (n - 1) / items):
                     store.update_run(run_id, RunUpdate(maximum={"percent": round(100 * n / items, 1)}))
         except BaseException as exc:  # reported below; a bench thread must not die silently

@@ -59,8 +59,9 @@ from haulage.errors import (
 if TYPE_CHECKING:
     from haulage.progress.models import RunRecord, RunStatus, StepRecord, StepStatus
     from haulage.tasks.context import StepContext
+    from haulage.tasks.definition import Step, StepCall
     from haulage.tasks.results import Failure, Results
-    from haulage.tasks.step import Step, StepCall, step
+    from haulage.tasks.step import step
     from haulage.workflows import registry
     from haulage.workflows.plan import Chain, FanOut, chain, fan_out
     from haulage.workflows.run import Run, cancel_run, get_run, list_runs, resume_run
@@ -69,8 +70,8 @@ if TYPE_CHECKING:
 # Public name -> the module that defines it (loaded on first access).
 _LAZY = {
     "step": "haulage.tasks.step",
-    "Step": "haulage.tasks.step",
-    "StepCall": "haulage.tasks.step",
+    "Step": "haulage.tasks.definition",
+    "StepCall": "haulage.tasks.definition",
     "StepContext": "haulage.tasks.context",
     "Results": "haulage.tasks.results",
     "Failure": "haulage.tasks.results",

@@ -53,7 +53,7 @@ def step_lock(run_id: str, step_key: str) -> str:
 
 
 def lock_alive(token: str) -> str:
-    """Liveness key of a lock holder, kept fresh by its heartbeat (see tasks/lock.py)."""
+    """Liveness key of a lock holder, kept fresh by its heartbeat (see haulage/coordination/redis_coordination.py)."""
     return f"{_p()}:alive:{token}"
 
 
@@ -67,12 +67,14 @@ def ledger(run_id: str, step_key: str, name: str) -> str:
     return f"{_p()}:run:{run_id}:ledger:{step_key}:{name}"
 
 
-def engine_keys(run_id: str) -> list[str]:
-    """Keys the engine keeps in Redis for a run whatever the store (counters, ledgers)."""
-    from haulage.redis_client import get_redis
+def ledger_pattern(run_id: str) -> str:
+    """Glob matching every ledger of a run (for deletion)."""
+    return f"{_p()}:run:{run_id}:ledger:*"
 
-    ledgers = [k.decode() for k in get_redis().scan_iter(f"{_p()}:run:{run_id}:ledger:*")]
-    return [stage_progress(run_id), *ledgers]
+
+def handoff(run_id: str, step_key: str, kind: str) -> str:
+    """A step's Cloud Run hand-off (``kind`` "payload" or "report"), see dispatch/handoff.py."""
+    return f"{_p()}:dispatch:{run_id}:{step_key}:{kind}"
 
 
 def run_keys(run_id: str) -> list[str]:

@@ -2,6 +2,8 @@
 
 redis-py pools notice a fork and reconnect, but creating the client lazily
 also keeps a module import from opening sockets in the parent of a prefork pool.
+Besides haulage.devtools, only the two seams use it (the Redis store in haulage.progress and
+haulage.coordination), so the layers above them never meet raw Redis.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import pytest
 from haulage.devtools.firestore_emulator import EmulatorMissing, reset_emulator, start_emulator
 
 if TYPE_CHECKING:
-    from haulage.progress.firestore_store import FirestoreStore
+    from haulage.progress.firestore import FirestoreStore
 
 #: the project id the tests' emulator serves
 TEST_PROJECT = "haulage-test"
@@ -62,7 +62,8 @@ def session_emulator() -> str:
 def firestore_store_for_tests(coalesce_seconds: float = 1.0) -> Iterator[FirestoreStore]:
     """Yield a FirestoreStore on a fresh collection of the session's emulator; write, close and wipe after."""
     host = session_emulator()
-    from haulage.progress.firestore_store import FirestoreStore
+    # Imported here: google-cloud-firestore is an optional extra, and this module is imported without it.
+    from haulage.progress.firestore import FirestoreStore
 
     store = FirestoreStore(project=TEST_PROJECT, collection=f"tasks-{uuid.uuid4().hex[:12]}",
                            coalesce_seconds=coalesce_seconds)  # fmt: skip

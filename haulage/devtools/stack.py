@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,8 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from haulage.devtools.firestore_emulator import DEFAULT_PROJECT, EmulatorMissing, start_emulator
 from haulage.devtools.redis_server import find_redis_server, free_port, wait_for_port
 from haulage.errors import ConfigError
+from haulage.settings import reset_settings
 
 log = logging.getLogger("haulage.dev")
 
@@ -61,8 +64,6 @@ class Child:
 
 
 def _port_or_free(preferred: int) -> int:
-    import socket
-
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", preferred))
@@ -120,8 +121,9 @@ class Stack:
             os.environ["HAULAGE_DISPATCH_MODE"] = "local"
             self.out("  dispatch       local queues only")
         # Settings read before this point (e.g. for HAULAGE_DEV_DIR) must not keep the old URL.
+        # The Redis client module is imported only now: redis-py takes ~0.15 s to import, which
+        # every `haulage` command, --help included, would otherwise pay through haulage.cli.dev.
         from haulage.redis_client import reset_redis
-        from haulage.settings import reset_settings
 
         reset_settings()
         reset_redis()
@@ -160,7 +162,7 @@ class Stack:
 
     def _start_api(self, logs: Path) -> None:
         """The HTTP service in development mode, with a fresh token; the page address signs in with it."""
-        from haulage.api.server import dev_environment, page_url
+        from haulage.api.server import dev_environment, page_url  # haulage[api]: fastapi/uvicorn are optional
 
         port = int(os.environ.get("HAULAGE_DEV_API_PORT") or _port_or_free(8000))
         api_env = {**self.env(), **dev_environment()}
@@ -181,8 +183,6 @@ class Stack:
 
     def _start_store(self, logs: Path) -> None:
         """The Firestore emulator when installed (or asked for), else the Redis store; say which."""
-        from haulage.devtools.firestore_emulator import DEFAULT_PROJECT, EmulatorMissing, start_emulator
-
         if self.store in ("auto", "firestore"):
             try:
                 port = int(os.environ.get("HAULAGE_DEV_FIRESTORE_PORT") or 0) or None
@@ -217,6 +217,7 @@ class Stack:
             raise ConfigError(f"{child.name} did not start: {exc}; see {child.log_path}") from None
 
     def _wait_workers(self, timeout: float = 60) -> None:
+        # Built only now: the Celery app reads the broker URL this stack has just put in the environment.
         from haulage.tasks.app import app
 
         names = [c.where.split("node ")[1] for c in self.children if c.name.startswith("worker:")]

@@ -1,4 +1,4 @@
-"""What the dispatcher and the job container pass each other through Redis, by (run id, step key).
+"""What the dispatcher and the job container pass each other through the coordination seam, by (run id, step key).
 
 A Cloud Run execution gets only a few env vars (``JOB_NAME``, run id, step
 key, attempt); the step's message (its parameters, the ``flow`` dict and the
@@ -12,19 +12,13 @@ end (the step raising, the container crashing, a timeout, a cancellation).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any
 
-from haulage.jsonutil import dumps, loads
-from haulage.redis_client import get_redis
-from haulage.settings import get_settings
+from haulage.coordination import Handoff, get_coordination
 from haulage.tasks.flow import Flow
 
 #: seconds a payload or report is kept: longer than any execution may queue and run
 TTL = 7 * 24 * 3600
-
-
-def _key(run_id: str, step_key: str, kind: str) -> str:
-    return f"{get_settings().key_prefix}:dispatch:{run_id}:{step_key}:{kind}"
 
 
 @dataclass
@@ -49,31 +43,30 @@ class ErrorReport:
 
 
 def put_payload(run_id: str, step_key: str, payload: Payload) -> None:
-    get_redis().set(_key(run_id, step_key, "payload"), dumps(asdict(payload)), ex=TTL)
+    get_coordination().put_handoff(run_id, step_key, Handoff.PAYLOAD, asdict(payload), TTL)
 
 
 def get_payload(run_id: str, step_key: str) -> Payload | None:
-    raw = get_redis().get(_key(run_id, step_key, "payload"))
-    if raw is None:
+    data = get_coordination().get_handoff(run_id, step_key, Handoff.PAYLOAD)
+    if data is None:
         return None
-    data = loads(cast(bytes, raw))
     return Payload(step=data["step"], args=list(data["args"]), params=dict(data["params"]), flow=data["flow"],
                    task_id=data.get("task_id"))
 
 
 def put_report(run_id: str, step_key: str, report: ErrorReport) -> None:
-    get_redis().set(_key(run_id, step_key, "report"), dumps(asdict(report)), ex=TTL)
+    get_coordination().put_handoff(run_id, step_key, Handoff.REPORT, asdict(report), TTL)
 
 
 def get_report(run_id: str, step_key: str, attempt: int) -> ErrorReport | None:
     """The report of ``attempt``; None if that attempt wrote none (it crashed, or was killed)."""
-    raw = get_redis().get(_key(run_id, step_key, "report"))
-    if raw is None:
+    data = get_coordination().get_handoff(run_id, step_key, Handoff.REPORT)
+    if data is None:
         return None
-    report = ErrorReport(**loads(cast(bytes, raw)))
+    report = ErrorReport(**data)
     return report if report.attempt == attempt else None
 
 
 def clear(run_id: str, step_key: str) -> None:
     """Forget the payload and report once the step has its final outcome."""
-    get_redis().delete(_key(run_id, step_key, "payload"), _key(run_id, step_key, "report"))
+    get_coordination().clear_handoff(run_id, step_key)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, cast
 
+from celery.exceptions import SoftTimeLimitExceeded
 from redis.exceptions import RedisError
 
 from haulage.dispatch import handoff
@@ -45,10 +46,12 @@ from haulage.logs import configure
 from haulage.progress import get_store
 from haulage.progress.store import Store
 from haulage.settings import get_settings
-from haulage.tasks.durable import Attempt, retryable
+from haulage.tasks.definition import Step
+from haulage.tasks.durable import Attempt
 from haulage.tasks.flow import Flow, is_failure
 from haulage.tasks.lock import StepLock
-from haulage.tasks.step import Step, get_step
+from haulage.tasks.retry import retryable
+from haulage.tasks.step import get_step
 
 log = logging.getLogger("haulage.dispatch.job")
 
@@ -135,7 +138,7 @@ class JobAttempt(Attempt):
             time.sleep(LOCK_POLL)
 
     def on_error(self, store: Store, exc: Exception) -> Any:
-        report = handoff.ErrorReport(self.attempt, type(exc).__name__, str(exc), retryable(self.step, exc))
+        report = handoff.ErrorReport(self.attempt, type(exc).__name__, str(exc), retryable(exc, self.step.no_retry_on))
         handoff.put_report(self.run_id, self.key, report)
         raise JobStepFailed(report) from exc
 
@@ -174,8 +177,6 @@ def run(env: JobEnv) -> Any:
 
 
 def _soft_timeout(signum: int, frame: FrameType | None) -> None:
-    from celery.exceptions import SoftTimeLimitExceeded
-
     raise SoftTimeLimitExceeded("soft time limit exceeded")
 
 

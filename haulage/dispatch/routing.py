@@ -1,4 +1,4 @@
-"""Where a step's message goes: which backend runs it, and on which queue.
+"""Where a step runs: on a local worker queue, or as a Cloud Run Job driven from the ``dispatch`` queue.
 
 ``runtime="short"`` steps run on the local ``short`` queue. ``runtime="long"``
 steps run as Cloud Run Jobs when HAULAGE_DISPATCH_MODE is ``cloudrun`` (driven
@@ -10,14 +10,15 @@ execution), so that one pool of workers owns the step.
 
 The choice is made where the signature is built (the process that starts the
 run, or the worker that expands a fan-out), so HAULAGE_DISPATCH_MODE must be
-the same there and on the workers.
+the same there and on the workers. The local queues themselves are the Celery
+side's (:mod:`haulage.tasks.queues`).
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-QUEUES = ("short", "long", "dispatch")
+from haulage.settings import get_settings
 
 LOCAL = "local"
 CLOUDRUN = "cloudrun"
@@ -31,11 +32,6 @@ class Routable(Protocol):
     dispatch: str | None
 
 
-def queue_for(step: Routable) -> str:
-    """The local queue: a step's own ``queue=`` wins; otherwise its runtime names the queue."""
-    return step.queue or ("long" if step.runtime == "long" else "short")
-
-
 def driver_queue_for(step: Routable) -> str:
     """The queue of the task that drives a step's Cloud Run execution."""
     return step.queue or "dispatch"
@@ -46,7 +42,5 @@ def backend_for(step: Routable, mode: str | None = None) -> str:
     if step.dispatch is not None:
         return step.dispatch
     if mode is None:
-        from haulage.settings import get_settings
-
         mode = get_settings().dispatch_mode
     return CLOUDRUN if step.runtime == "long" and mode == CLOUDRUN else LOCAL

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+from haulage.progress.memory_store import MemoryStore
 from haulage.progress.models import (
     ACTIVE,
     TERMINAL,
@@ -17,22 +18,21 @@ from haulage.progress.models import (
     StepRecord,
     StepStatus,
 )
+from haulage.progress.redis_store import RedisStore
 from haulage.progress.store import Store
+from haulage.redis_client import get_redis
+from haulage.settings import get_settings
 
 
 @functools.cache
 def get_store() -> Store:
     """The store chosen by HAULAGE_STORE, created on first use in this process."""
-    from haulage.settings import get_settings
-
     settings = get_settings()
     if settings.store == "firestore":
-        from haulage.progress.firestore_store import FirestoreStore  # type: ignore[import-not-found,unused-ignore]
+        # Imported here: google-cloud-firestore is the optional `firestore` extra.
+        from haulage.progress.firestore import FirestoreStore  # type: ignore[import-not-found,unused-ignore]
 
         return FirestoreStore.from_settings()  # type: ignore[no-any-return,unused-ignore]
-    from haulage.progress.redis_store import RedisStore
-    from haulage.redis_client import get_redis
-
     return RedisStore(get_redis())
 
 
@@ -44,6 +44,9 @@ __all__ = [
     "Store",
     "get_store",
     "reset_store",
+    # backends (FirestoreStore is in haulage.progress.firestore: it needs the `firestore` extra)
+    "RedisStore",
+    "MemoryStore",
     # records
     "RunRecord",
     "StepRecord",

@@ -1,8 +1,9 @@
 """The Store protocol: where run documents, step records, checkpoints and guards live.
 
 Two backends implement it (Redis for the embedded default, Firestore for
-production); the contract suite in tests/test_store_contract.py runs unchanged
-against each.
+production), and an in-memory twin for fast tests (haulage.progress.memory_store);
+the contract suite in tests/contract/test_store_contract.py runs unchanged
+against each of the three.
 """
 
 from __future__ import annotations

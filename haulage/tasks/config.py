@@ -12,6 +12,7 @@ from __future__ import annotations
 from kombu import Exchange, Queue
 
 from haulage.settings import get_settings
+from haulage.tasks.queues import QUEUES
 
 _s = get_settings()
 
@@ -33,9 +34,7 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 broker_connection_retry_on_startup = True
 
-task_queues = tuple(
-    Queue(name, Exchange(name, type="direct"), routing_key=name) for name in ("short", "long", "dispatch")
-)
+task_queues = tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES)
 task_default_queue = "short"
 task_default_exchange = "short"
 task_default_routing_key = "short"
@@ -57,7 +56,9 @@ task_send_sent_event = False
 task_track_started = True
 
 imports = (
-    "haulage.tasks.internal",
+    "haulage.workflows.fanout",
+    "haulage.workflows.finish",
+    "haulage.dispatch.driver",
     "haulage.workflows.schedules",
     "haulage.workflows.reaper",
     "haulage.workflows.completion",

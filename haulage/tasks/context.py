@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
 
+from haulage.coordination import get_coordination
 from haulage.errors import Cancelled
 from haulage.progress.models import Event, RunStatus, RunUpdate, cost_increments, now
+from haulage.progress.store import Store
+from haulage.tasks import guards
+from haulage.tasks.flow import Flow
 from haulage.tasks.ledger import Ledger
-
-if TYPE_CHECKING:
-    from haulage.progress.store import Store
-    from haulage.tasks.flow import Flow
 
 log = logging.getLogger("haulage.step")
 
@@ -99,8 +96,7 @@ class StepContext:
         if self.cancelled:
             raise Cancelled(f"run {self.run_id} was cancelled")
 
-    @contextmanager
-    def once(self, key: str) -> Iterator[bool]:
+    def once(self, key: str) -> AbstractContextManager[bool]:
         """Guard a side effect so it happens at most once per run and step.
 
         Yields True to the first attempt that gets here, False to every later
@@ -111,30 +107,15 @@ class StepContext:
         again (at most once); make the effect idempotent with ``guard_id`` to
         close that window.
         """
-        guard = f"{self.step_key}:{key}"
-        token = uuid.uuid4().hex
-        held = self._store.claim_guard(self.run_id, guard, token)
-        first = held is None
-        if held is not None and held != "done":
-            self.log.warning("once(%r): an earlier attempt died inside the guarded block; not repeating it", key)
-        try:
-            yield first
-        except BaseException:
-            if first:
-                self._store.finish_guard(self.run_id, guard, token, done=False)
-            raise
-        if first:
-            self._store.finish_guard(self.run_id, guard, token, done=True)
+        return guards.once(self._store, self.run_id, self.step_key, key, self.log)
 
     def ledger(self, name: str) -> Ledger:
         """The processed-item ledger ``name`` of this step: ``done(id)``, ``mark(id)``, ``pending(items, key=)``."""
-        from haulage.redis_client import get_redis
-
-        return Ledger(get_redis(), self.run_id, self.step_key, name)
+        return Ledger(get_coordination(), self.run_id, self.step_key, name)
 
     def guard_id(self, key: str) -> str:
         """A stable id for the effect guarded by ``once(key)``: pass it to systems that dedupe."""
-        return f"{self.run_id}:{self.step_key}:{key}"
+        return guards.guard_id(self.run_id, self.step_key, key)
 
     def __repr__(self) -> str:
         return f"<StepContext run={self.run_id} step={self.step_key} attempt={self.attempt}>"

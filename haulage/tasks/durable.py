@@ -7,6 +7,9 @@ Every attempt at a step runs through :class:`Attempt`, in this order:
 4. the step runs; its result is checked for JSON and written as a create-if-absent checkpoint;
 5. failures retry with backoff (the step QUEUED meanwhile); the last attempt records the failure.
 Values pass between steps through the store; messages carry references only.
+The pieces live beside it: reading checkpoints (``checkpoints``), the records
+an attempt writes (``records``), ending a run (``ending``), the step lock
+(``lock``) and the once-guard (``guards``).
 
 ``Attempt`` holds no Celery: a Celery task runs it through :func:`execute_step`
 (:class:`CeleryAttempt`), and the Cloud Run job container (``haulage.dispatch.job``)
@@ -22,135 +25,29 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from haulage import keys
-from haulage.errors import (
-    Cancelled,
-    LockUnavailable,
-    MissingCheckpoint,
-    NondeterminismError,
-    PlanError,
-    RunCancelled,
-    StepFailed,
-    StepResultNotSerializable,
-)
+from haulage.coordination import get_coordination
+from haulage.errors import Cancelled, LockUnavailable, NondeterminismError, RunCancelled, StepResultNotSerializable
 from haulage.jsonutil import check_serializable
 from haulage.logs import step_scope
 from haulage.progress import get_store
-from haulage.progress.models import (
-    Checkpoint,
-    Event,
-    RunStatus,
-    RunUpdate,
-    StepRecord,
-    StepStatus,
-    now,
-)
+from haulage.progress.models import Checkpoint, Event, RunStatus, RunUpdate, StepRecord, StepStatus, now
 from haulage.progress.store import Store
-from haulage.redis_client import get_redis
 from haulage.settings import get_settings
+from haulage.tasks.checkpoints import build_input, check_name, input_keys
 from haulage.tasks.context import StepContext
-from haulage.tasks.ending import end_run
-from haulage.tasks.flow import Flow, failure_ref, is_failure, ok_ref, skipped_ref, stage_percent
+from haulage.tasks.definition import Step
+from haulage.tasks.ending import fail_run, policy_blocks
+from haulage.tasks.flow import Flow, is_failure, ok_ref, skipped_ref, stage_percent
 from haulage.tasks.heartbeat import Heartbeat
 from haulage.tasks.lock import StepLock
-from haulage.tasks.results import Failure, Results
-from haulage.tasks.step import Step
+from haulage.tasks.records import mark_processing, record_failure, record_retry, report_stage_progress
+from haulage.tasks.results import Results
+from haulage.tasks.retry import retryable
 
 log = logging.getLogger("haulage.durable")
 
-# Programming errors: retrying them cannot help.
-_NEVER_RETRY: tuple[type[BaseException], ...] = (
-    StepResultNotSerializable,
-    NondeterminismError,
-    PlanError,
-    TypeError,
-)
-
 #: seconds a delivery that finds the step locked waits before looking again
 LOCK_WAIT = 2.0
-
-
-def input_keys(flow: Flow, prev: Any) -> list[str]:
-    """The checkpoint keys this step's input comes from."""
-    if flow["input"] == "value" and isinstance(prev, dict) and prev.get("ok") == 1:
-        return [prev["k"]]
-    if flow["input"] == "results" and isinstance(prev, list):
-        return [r["k"] for r in prev if isinstance(r, dict) and r.get("ok") == 1]
-    return []
-
-
-def build_input(flow: Flow, prev: Any, cps: dict[str, Checkpoint]) -> tuple[list[Any], Results | None]:
-    """The positional input for the step, and the fan-out Results when that is what it gets."""
-    if flow["input"] == "none":
-        return [], None
-    if flow["input"] == "value":
-        cp = cps.get(prev["k"]) if isinstance(prev, dict) else None
-        if cp is None:
-            raise MissingCheckpoint(f"the checkpoint of the previous step {prev!r} is missing")
-        return [cp.value], None
-    refs = sorted((r for r in prev or [] if isinstance(r, dict)), key=lambda r: r.get("i") or 0)
-    successes, failures = [], []
-    for ref in refs:
-        if ref.get("ok") == 1:
-            cp = cps.get(ref["k"])
-            if cp is None:
-                raise MissingCheckpoint(f"the checkpoint of fan-out step {ref['k']!r} is missing")
-            successes.append(cp.value)
-        elif "error_type" in ref:
-            failures.append(Failure(ref.get("params") or {}, ref["error_type"], ref["message"], ref["k"]))
-    results = Results(successes, failures)
-    return [results], results
-
-
-def fail_run(store: Store, run_id: str, error: str, step_key: str | None = None, result: Any = None) -> bool:
-    """End the run FAILED with ``error`` unless it already ended."""
-    return end_run(
-        store,
-        run_id,
-        RunStatus.FAILED,
-        RunUpdate(
-            set={"error": error, "message": error, "finished_at": now(), "result": result},
-            events=[Event(now(), "failed", error, step_key)],
-        ),
-    )
-
-
-def policy_blocks(store: Store, run_id: str, flow: Flow, results: Results | None, key: str) -> bool:
-    """Apply on_failure="fail": a fan-out with failures ends the run before the next stage."""
-    if results is None or results.ok or flow["on_failure"] != "fail":
-        return False
-    first = results.failures[0]
-    fail_run(
-        store,
-        run_id,
-        f"{len(results.failures)} of {len(results)} fan-out items failed "
-        f"(first: {first.step}: {first.error_type}: {first.message})",
-        key,
-        result=results_summary(results),
-    )
-    return True
-
-
-#: failures listed in a run document's result summary
-SUMMARY_FAILURES = 100
-
-
-def results_summary(results: Results) -> dict[str, Any]:
-    return {
-        "successes": len(results.successes),
-        "failed": len(results.failures),
-        "failures": [f.to_dict() for f in results.failures[:SUMMARY_FAILURES]],
-    }
-
-
-def mark_processing(store: Store, run_id: str, flow: Flow) -> None:
-    if flow["stage"] == 0:
-        store.transition(
-            run_id,
-            RunStatus.PROCESSING,
-            allowed_from={RunStatus.PENDING},
-            update=RunUpdate(set={"started_at": now()}, events=[Event(now(), "started", "run started")]),
-        )
 
 
 @dataclass
@@ -262,7 +159,7 @@ class Attempt:
         if isinstance(ready, Finished):
             return ready.ref
 
-        lock = StepLock(get_redis(), run_id, key, step.hard_limit + get_settings().lock_margin)
+        lock = StepLock(get_coordination(), run_id, key, step.hard_limit + get_settings().lock_margin)
         if not self.acquire(lock):
             return ok_ref(key, item)
         try:
@@ -337,7 +234,7 @@ class CeleryAttempt(Attempt):
     def on_error(self, store: Store, exc: Exception) -> Any:
         step, attempt = self.step, self.attempt
         error_type, message = type(exc).__name__, str(exc)
-        if retryable(step, exc) and not step.policy.exhausted(attempt):
+        if retryable(exc, step.no_retry_on) and not step.policy.exhausted(attempt):
             countdown = step.policy.countdown(attempt)
             record_retry(store, self.run_id, step, self.key, attempt, error_type, message, countdown, self.task_id,
                          backend=self.backend, note=self.note)  # fmt: skip
@@ -360,96 +257,3 @@ def execute_step(task: Any, step: Step, *args: Any, run_id: str, key: str, param
     attempt = CeleryAttempt(task, step, run_id=run_id, key=key, params=params, flow=flow, backend=backend,
                             note=backend_note)  # fmt: skip
     return attempt.run(*args)
-
-
-def check_name(cp: Checkpoint, name: str, key: str) -> None:
-    if cp.name != name:
-        raise NondeterminismError(
-            f"step {key!r} was checkpointed by {cp.name!r} but is now {name!r}; "
-            "the workflow's plan changed while this run was in flight: check that it is deterministic"
-        )
-
-
-def retryable(step: Step, exc: BaseException) -> bool:
-    """False for programming errors and the step's ``no_retry_on`` types: another attempt cannot help."""
-    return not isinstance(exc, _NEVER_RETRY + step.no_retry_on)
-
-
-def record_retry(store: Store, run_id: str, step: Step, key: str, attempt: int, error_type: str, message: str,
-                 countdown: float, task_id: str | None, *, backend: str = "local", note: str = "") -> None:  # fmt: skip
-    """Record that ``attempt`` failed and the next one starts in ``countdown`` seconds."""
-    # QUEUED with retry_at tells the stale-run reaper this step is waiting out its backoff.
-    store.put_step(
-        run_id,
-        StepRecord(
-            key,
-            step.name,
-            StepStatus.QUEUED,
-            attempt + 1,
-            error_type=error_type,
-            error=message,
-            retry_at=now() + countdown,
-            task_id=task_id,
-            backend=backend,
-            message=note,
-        ),  # fmt: skip
-    )
-    store.update_run(
-        run_id,
-        RunUpdate(
-            set={"heartbeat": now()},
-            events=[
-                Event(
-                    now(),
-                    "retry",
-                    f"{step.name} attempt {attempt} failed ({error_type}: {message}); retrying in {countdown:.1f}s",
-                    key,
-                )
-            ],  # fmt: skip
-        ),
-    )
-    log.warning("step %s of run %s failed (attempt %d): %s: %s; retry in %.1fs",
-                key, run_id, attempt, error_type, message, countdown)  # fmt: skip
-
-
-def record_failure(store: Store, run_id: str, step: Step, key: str, attempt: int, error_type: str, message: str,
-                   params: dict[str, Any], flow: Flow, *, backend: str = "local", note: str = "",
-                   execution: str | None = None) -> Any:  # fmt: skip
-    """Record the step's final failure: a fan-out item returns its failure reference, a chain step fails the run."""
-    store.put_step(
-        run_id,
-        StepRecord(
-            key,
-            step.name,
-            StepStatus.FAILED,
-            attempt,
-            error_type=error_type,
-            error=message,
-            backend=backend,
-            message=note,
-            execution=execution,
-        ),  # fmt: skip
-    )
-    summary = f"{step.name} failed after {attempt} attempt(s): {error_type}: {message}"
-    store.update_run(run_id, RunUpdate(incr={"steps.failed": 1}, events=[Event(now(), "step-failed", summary, key)]))
-    log.error("step %s of run %s %s", key, run_id, summary)
-    if flow["item"] is not None:
-        return failure_ref(key, flow["item"], flow.get("item_params", params), error_type, message)
-    fail_run(store, run_id, f"step {key} failed: {error_type}: {message}", key)
-    raise StepFailed(f"step {key} of run {run_id} failed: {error_type}: {message}")
-
-
-def count_finished_unit(run_id: str, flow: Flow) -> int:
-    """Count one finished unit of the step's stage without holding its lock (a dispatcher recording a failure).
-
-    The same counter the lock release bumps; returns its new value.
-    """
-    return int(get_redis().hincrby(keys.stage_progress(run_id), str(flow["stage"]), 1))
-
-
-def report_stage_progress(store: Store, run_id: str, flow: Flow, finished: int) -> None:
-    # Write the percent only when its whole number moves: a 1,000-item fan-out
-    # makes at most 100 such writes, not 1,000.
-    now_pct, before = stage_percent(flow, finished), stage_percent(flow, finished - 1)
-    if int(now_pct) != int(before) or finished >= flow["units"]:
-        store.update_run(run_id, RunUpdate(maximum={"percent": now_pct}))

@@ -1,11 +1,23 @@
-"""Retry policy: exponential backoff with jitter, bounded by the broker's visibility timeout."""
+"""Retry policy: exponential backoff with jitter, bounded by the broker's visibility timeout.
+
+Also which errors are worth another attempt at all: :func:`retryable`.
+"""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 
+from haulage.errors import NondeterminismError, PlanError, StepResultNotSerializable
 from haulage.settings import get_settings
+
+#: programming errors: retrying them cannot help
+NEVER_RETRY: tuple[type[BaseException], ...] = (
+    StepResultNotSerializable,
+    NondeterminismError,
+    PlanError,
+    TypeError,
+)
 
 
 @dataclass(frozen=True)
@@ -31,3 +43,8 @@ class RetryPolicy:
 
     def exhausted(self, attempt: int) -> bool:
         return attempt > self.retries
+
+
+def retryable(exc: BaseException, no_retry_on: tuple[type[BaseException], ...] = ()) -> bool:
+    """False for programming errors and a step's ``no_retry_on`` types: another attempt cannot help."""
+    return not isinstance(exc, NEVER_RETRY + no_retry_on)

@@ -1,129 +1,26 @@
-"""The ``@step`` decorator: a function that runs durably as a Celery task."""
+"""The ``@step`` decorator: declare a function as a durable step, and find steps by name.
+
+A step's Celery task runs every delivery through the durable wrapper
+(:func:`haulage.tasks.durable.execute_step`); what a step is and the checks of
+its parameters live in :mod:`haulage.tasks.definition`.
+"""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, overload
 
-from haulage.errors import ConfigError, PlanError, UnknownStep
-from haulage.jsonutil import check_serializable
+from haulage.errors import ConfigError, UnknownStep
+from haulage.tasks.app import app
+from haulage.tasks.definition import DISPATCH, RUNTIMES, Step
+from haulage.tasks.durable import execute_step
+from haulage.tasks.queues import queue_for
 from haulage.tasks.retry import RetryPolicy
-
-RUNTIMES = ("short", "long")
-#: where a step may be pinned with ``dispatch=``; None follows its runtime and HAULAGE_DISPATCH_MODE
-DISPATCH = ("local", "cloudrun")
 
 _steps: dict[str, Step] = {}
 
 
-@dataclass(frozen=True)
-class StepCall:
-    """A step bound to keyword arguments: one node of a plan (``my_step.s(x=1)``)."""
-
-    step: Step
-    kwargs: dict[str, Any]
-
-
-class Step:
-    """A registered step. Call ``.s(**kwargs)`` to place it in a plan."""
-
-    def __init__(
-        self,
-        func: Callable[..., Any],
-        *,
-        name: str,
-        runtime: str,
-        policy: RetryPolicy,
-        soft_timeout: float | None,
-        hard_timeout: float | None,
-        rate_limit: str | None,
-        queue: str | None,
-        no_retry_on: tuple[type[BaseException], ...],
-        dispatch: str | None = None,
-    ) -> None:
-        self.func = func
-        self.name = name
-        self.runtime = runtime
-        self.policy = policy
-        self.soft_timeout = soft_timeout
-        self.hard_timeout = hard_timeout
-        self.rate_limit = rate_limit
-        self.queue = queue
-        self.no_retry_on = no_retry_on
-        self.dispatch = dispatch
-        self.signature = inspect.signature(func)
-        params = list(self.signature.parameters.values())
-        if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
-            raise ConfigError(f"step {name!r}: its first parameter must be the StepContext (ctx)")
-        self._params = params[1:]
-        self._accepts_any = any(p.kind is p.VAR_KEYWORD for p in self._params)
-        self.task = _register_task(self)
-        self.__doc__ = func.__doc__
-        self.__name__ = func.__name__
-        self.__wrapped__ = func
-
-    def __repr__(self) -> str:
-        return f"<step {self.name} runtime={self.runtime}>"
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the function directly (unit tests of step logic); no durability."""
-        return self.func(*args, **kwargs)
-
-    def s(self, **kwargs: Any) -> StepCall:
-        """Bind keyword arguments for use in ``chain``/``fan_out``."""
-        self.check_kwargs(kwargs, takes_input=None)
-        return StepCall(self, dict(kwargs))
-
-    @property
-    def hard_limit(self) -> float:
-        from haulage.settings import get_settings
-
-        return self.hard_timeout or get_settings().default_hard_timeout
-
-    def check_kwargs(self, kwargs: dict[str, Any], *, takes_input: bool | None, where: str = "") -> None:
-        """Raise PlanError if ``kwargs`` cannot be passed to this step (unknown names, not JSON)."""
-        at = f" ({where})" if where else ""
-        if not self._accepts_any:
-            names = {p.name for p in self._params if p.kind is not p.VAR_POSITIONAL}
-            unknown = sorted(set(kwargs) - names)
-            if unknown:
-                raise PlanError(
-                    f"step {self.name!r}{at}: unknown parameter(s) {', '.join(unknown)}; "
-                    f"it takes {', '.join(sorted(names)) or 'no parameters'}"
-                )
-        for key, value in kwargs.items():
-            reason = check_serializable(value)
-            if reason:
-                raise PlanError(f"step {self.name!r}{at}: parameter {key!r} is not JSON-serialisable: {reason}")
-        if takes_input is None:
-            return
-        # The previous stage's output goes to the first parameter after ctx.
-        unbound = [p for p in self._params if p.name not in kwargs and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        if takes_input:
-            first = self._params[0] if self._params else None
-            if first is None or first.kind is first.KEYWORD_ONLY:
-                raise PlanError(
-                    f"step {self.name!r}{at}: it receives the previous stage's output, "
-                    "so it needs a parameter for it after ctx"
-                )
-            if first.name in kwargs:
-                raise PlanError(
-                    f"step {self.name!r}{at}: parameter {first.name!r} receives the previous stage's output; "
-                    "do not bind it"
-                )
-            unbound = [p for p in unbound if p is not first]
-        missing = [p.name for p in unbound if p.default is p.empty]
-        if missing:
-            raise PlanError(f"step {self.name!r}{at}: missing parameter(s) {', '.join(missing)}")
-
-
 def _register_task(step: Step) -> Any:
-    from haulage.dispatch.routing import queue_for
-    from haulage.tasks.app import app
-    from haulage.tasks.durable import execute_step
-
     def run(task: Any, *args: Any, **kwargs: Any) -> Any:
         return execute_step(task, step, *args, **kwargs)
 
@@ -239,6 +136,7 @@ def step(
             no_retry_on=tuple(no_retry_on),
             dispatch=dispatch,
         )
+        s.task = _register_task(s)
         _steps[step_name] = s
         return s
 

@@ -19,6 +19,10 @@ from billiard.exceptions import TimeLimitExceeded
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
+from haulage.progress import get_store
+from haulage.tasks.records import record_retry
+from haulage.tasks.step import get_step
+
 log = logging.getLogger("haulage.timeouts")
 
 
@@ -49,8 +53,6 @@ class StepRequest(Request):
         kwargs = dict(self.kwargs or {})
         flow = dict(kwargs.get("flow") or {})
         attempt = int(flow.get("attempt", 1))
-        from haulage.tasks.step import get_step
-
         step = get_step(self.task.name)
         message = f"hard time limit of {float(timeout):g}s exceeded"
         flow.update(attempt=attempt + 1, last_error=["TimeLimitExceeded", message])
@@ -60,9 +62,6 @@ class StepRequest(Request):
                   kwargs.get("key"), kwargs.get("run_id"), attempt, message, attempt + 1, countdown)  # fmt: skip
         if not step.policy.exhausted(attempt) and kwargs.get("run_id") and kwargs.get("key"):
             try:  # QUEUED with retry_at: the reaper leaves the run alone during the backoff
-                from haulage.progress import get_store
-                from haulage.tasks.durable import record_retry
-
                 record_retry(get_store(), kwargs["run_id"], step, kwargs["key"], attempt, "TimeLimitExceeded",
                              message, countdown, self.id)  # fmt: skip
             except Exception as exc:  # the next attempt matters more than the note

@@ -1,7 +1,7 @@
 """What applications use: define workflows, start runs, follow them.
 
->>> from tasks import step, StepContext
->>> from workflows import workflow, chain, fan_out, get_run
+>>> from haulage.tasks import step, StepContext
+>>> from haulage.workflows import workflow, chain, fan_out, get_run
 """
 
 from __future__ import annotations

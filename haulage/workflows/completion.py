@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import logging
 import os
 from typing import Any, Protocol
 
-from haulage import keys
+from haulage.coordination import get_coordination
 from haulage.errors import ConfigError, HaulageError
 from haulage.progress import get_store
 from haulage.progress.models import RunRecord, RunStatus
-from haulage.redis_client import get_redis
 from haulage.tasks.app import app
 from haulage.workflows import registry
 from haulage.workflows.run import Run
@@ -38,7 +36,7 @@ class RedisPublisher:
     """Publishes each event as JSON on the Redis channel ``<prefix>:run-completed``."""
 
     def publish(self, event: dict[str, Any]) -> None:
-        get_redis().publish(keys.completions_channel(), json.dumps(event))
+        get_coordination().publish_completion(event)
 
 
 @functools.cache

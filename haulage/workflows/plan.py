@@ -16,9 +16,10 @@ from celery.canvas import Signature
 from haulage.dispatch.dispatcher import signature_for
 from haulage.errors import PlanError
 from haulage.jsonutil import check_serializable
+from haulage.tasks.definition import Step, StepCall
 from haulage.tasks.flow import Flow, InputKind
-from haulage.tasks.internal import expand_fan_out, finish_run
-from haulage.tasks.step import Step, StepCall
+from haulage.workflows.fanout import expand_fan_out
+from haulage.workflows.finish import finish_run
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from haulage.progress.models import ACTIVE, Event, RunStatus, RunUpdate, StepSta
 from haulage.settings import get_settings
 from haulage.tasks.app import app
 from haulage.tasks.ending import end_run
+from haulage.workflows.maintenance import MAINTENANCE
 from haulage.workflows.run import resume_run
-from haulage.workflows.schedules import MAINTENANCE
 
 log = logging.getLogger("haulage.reaper")
 

@@ -1,21 +1,20 @@
 """Retention: remove finished runs older than HAULAGE_RETENTION_DAYS, with everything under them.
 
 A beat job (every HAULAGE_RETENTION_INTERVAL seconds) deletes the run
-document, its steps, checkpoints and guards from the store, and the Redis
-keys Haulage keeps beside it (stage counters, item ledgers), in either backend.
+document, its steps, checkpoints and guards from the store, and what the
+coordination seam keeps beside it (stage counters, item ledgers), in either backend.
 """
 
 from __future__ import annotations
 
 import logging
 
-from haulage import keys
+from haulage.coordination import get_coordination
 from haulage.progress import get_store
 from haulage.progress.models import TERMINAL, now
-from haulage.redis_client import get_redis
 from haulage.settings import get_settings
 from haulage.tasks.app import app
-from haulage.workflows.schedules import MAINTENANCE
+from haulage.workflows.maintenance import MAINTENANCE
 
 log = logging.getLogger("haulage.retention")
 
@@ -36,7 +35,7 @@ def purge_finished(*, older_than_seconds: float | None = None, batch: int = 10_0
             if ended >= cutoff:
                 continue
             store.delete_run(run.id)
-            get_redis().delete(*keys.engine_keys(run.id))
+            get_coordination().purge_run(run.id)
             removed.append(run.id)
     if removed:
         log.info("retention removed %d finished run(s) older than %.0fs", len(removed), age)

@@ -7,12 +7,16 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from haulage.dispatch.driver import cancel_executions
 from haulage.errors import RunCancelled, RunFailed, RunNotFinished, RunNotFound, WaitTimeout
 from haulage.progress import get_store
 from haulage.progress.models import Event, RunRecord, RunStatus, RunUpdate, StepRecord, StepStatus, now
+from haulage.tasks.app import app
 from haulage.tasks.ending import end_run
-from haulage.tasks.internal import RESULT_KEY
 from haulage.tasks.results import Failure, Results
+from haulage.workflows import registry
+from haulage.workflows.finish import RESULT_KEY
+from haulage.workflows.plan import compile_plan
 
 log = logging.getLogger("haulage.run")
 
@@ -151,24 +155,17 @@ def cancel_run(run_id: str) -> bool:
         ),
     )
     if cancelled:
-        from haulage.dispatch.dispatcher import cancel_executions
-
         cancel_executions(run_id)  # Cloud Run executions stop now, not at their driver's next poll
         # Steps check the status before they start; revoking what is queued also
         # keeps workers from picking those messages up at all.
         waiting = [s.task_id for s in store.list_steps(run_id) if s.status is StepStatus.QUEUED and s.task_id]
         if waiting:
-            from haulage.tasks.app import app
-
             app.control.revoke(waiting)
     return cancelled
 
 
 def resume_run(run_id: str, *, reason: str = "resumed on request") -> Run:
     """Re-apply the run's plan: checkpointed steps return at once, the rest run."""
-    from haulage.workflows import registry
-    from haulage.workflows.plan import compile_plan
-
     store = get_store()
     record = store.get_run(run_id)
     if record is None:

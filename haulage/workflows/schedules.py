@@ -17,12 +17,10 @@ from typing import Any
 from celery.schedules import crontab, schedule
 
 from haulage.tasks.app import app
-from haulage.workflows import registry
+from haulage.workflows import reaper, registry, retention  # noqa: F401 - reaper, retention: their beat entries
+from haulage.workflows.maintenance import MAINTENANCE
 
 log = logging.getLogger("haulage.schedules")
-
-#: beat entries of Haulage's own maintenance jobs, added by the modules that define them
-MAINTENANCE: dict[str, dict[str, Any]] = {}
 
 
 def tick_of(spec: Any, at: float) -> str:
@@ -38,10 +36,7 @@ def tick_of(spec: Any, at: float) -> str:
 
 
 def beat_schedule() -> dict[str, dict[str, Any]]:
-    """Entries for every scheduled workflow and the maintenance jobs (load modules first)."""
-    import haulage.workflows.reaper  # noqa: F401 - registers the reaper's entry
-    import haulage.workflows.retention  # noqa: F401 - and retention's
-
+    """Entries for every scheduled workflow (load the modules first) and the maintenance jobs."""
     entries = dict(MAINTENANCE)
     for wf in registry.all_workflows():
         if wf.schedule is None:

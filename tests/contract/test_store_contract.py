@@ -1,7 +1,7 @@
 """The Store contract: every backend must pass these, unchanged.
 
-Parametrized over the backends; the Firestore one runs against the emulator
-(see tests/firestore_support.py).
+Parametrized over the backends: Redis, Firestore (against the emulator, see
+tests/firestore_support.py) and the in-memory twin that unit tests use.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 
+import haulage.progress
+from haulage import settings
+from haulage.progress.memory_store import MemoryStore
 from haulage.progress.models import (
     ACTIVE,
     Checkpoint,
@@ -26,20 +29,23 @@ from haulage.progress.models import (
     cost_increments,
     now,
 )
+from haulage.progress.redis_store import RedisStore
 from haulage.progress.store import Store
+from haulage.redis_client import get_redis
+from haulage.workflows.retention import purge_finished
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(params=["redis", "firestore"])
+@pytest.fixture(params=["redis", "firestore", "memory"])
 def store(request: pytest.FixtureRequest) -> Iterator[Store]:
     if request.param == "redis":
         request.getfixturevalue("redis_server")
-        from haulage.progress.redis_store import RedisStore
-        from haulage.redis_client import get_redis
-
         yield RedisStore(get_redis())
+    elif request.param == "memory":
+        yield MemoryStore()
     else:
+        # Imported here: google-cloud-firestore is an optional extra.
         from tests.firestore_support import firestore_store_for_tests
 
         yield from firestore_store_for_tests()
@@ -89,8 +95,6 @@ def test_update_counters_cost_percent_and_history(store: Store) -> None:
 
 
 def test_history_is_bounded_to_newest(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    from haulage import settings
-
     monkeypatch.setenv("HAULAGE_HISTORY_LIMIT", "5")
     settings.reset_settings()
     try:
@@ -231,10 +235,10 @@ def test_delete_run_removes_everything(store: Store) -> None:
     assert run.id not in [r.id for r in store.list_runs(created_by="ana@example.com", limit=1000)]
 
 
-def test_retention_removes_only_old_finished_runs(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    import haulage.progress
-    from haulage.workflows.retention import purge_finished
-
+def test_retention_removes_only_old_finished_runs(
+    store: Store, monkeypatch: pytest.MonkeyPatch, redis_server: str
+) -> None:
+    # redis_server: retention also deletes the engine's Redis keys beside the store, whichever the backend.
     monkeypatch.setattr(haulage.progress, "get_store", lambda: store)
     monkeypatch.setattr("haulage.workflows.retention.get_store", lambda: store)
     owner = f"ret-{uuid.uuid4().hex[:8]}"

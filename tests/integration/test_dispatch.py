@@ -141,7 +141,8 @@ def timed_run(name: str, timeout: float = 60, **params: Any) -> tuple[Any, float
 
 
 def test_settings_and_routing(settings_env: Callable[..., None]) -> None:
-    from haulage.dispatch.dispatcher import DRIVER_TASK, signature_for
+    from haulage.dispatch.dispatcher import signature_for
+    from haulage.dispatch.driver import DRIVER_TASK
     from tests.dispatch_flows import cr_probe, local_probe, mode_probe, seed
 
     flow: Any = {"attempt": 1}
@@ -397,7 +398,7 @@ def test_cancelling_the_run_cancels_its_execution(worker: WorkerProcess, cloud_w
 
 def test_cancel_executions_cancels_recorded_running_executions(cloudrun: LocalCloudRun,
                                                                settings_env: Callable[..., None]) -> None:  # fmt: skip
-    from haulage.dispatch.dispatcher import cancel_executions
+    from haulage.dispatch.driver import cancel_executions
     from haulage.progress.models import RunRecord
 
     jobs, executions = make_clients(cloudrun.address)

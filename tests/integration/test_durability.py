@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import redis
 
+from haulage.coordination import RedisCoordination
 from haulage.errors import LockUnavailable
 from haulage.progress import get_store
 from haulage.progress.models import RunRecord, RunStatus
@@ -45,14 +46,14 @@ def test_two_concurrent_deliveries_run_the_body_once(make_worker: Any, redis_cli
 
 def test_lock_fails_closed_when_redis_errs() -> None:
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
-    lock = StepLock(dead, "r", "0:s", ttl_seconds=10)
+    lock = StepLock(RedisCoordination(dead), "r", "0:s", ttl_seconds=10)
     with pytest.raises(LockUnavailable, match="cannot take step lock"):
         lock.acquire()
 
 
 def test_lock_is_exclusive_and_released_only_by_its_holder(redis_client: Any) -> None:
-    a = StepLock(redis_client, uuid.uuid4().hex, "0:s", ttl_seconds=10)
-    b = StepLock(redis_client, a.run_id, "0:s", ttl_seconds=10)
+    a = StepLock(RedisCoordination(redis_client), uuid.uuid4().hex, "0:s", ttl_seconds=10)
+    b = StepLock(RedisCoordination(redis_client), a.run_id, "0:s", ttl_seconds=10)
     assert a.acquire() and not b.acquire()
     b.release()  # not the holder: the lock stays
     assert not b.acquire()

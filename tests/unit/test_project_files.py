@@ -64,3 +64,18 @@ def test_readme_documents_every_variable() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = sorted(v for v in variables_read() - THIRD_PARTY if f"`{v}`" not in readme)
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_ci_tests_the_lowest_versions_pyproject_allows() -> None:
+    """.ci/run's second pass pins exactly the lower bounds pyproject.toml declares."""
+    import tomllib
+
+    declared: dict[str, str] = {}
+    for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        found = re.match(r"([a-z0-9-]+)(?:\[[^\]]*\])?>=([0-9.]+)", requirement)
+        if found:
+            declared[found[1]] = found[2]
+    pinned = dict(re.findall(r"^([a-z0-9-]+)==([0-9.]+)$", (ROOT / ".ci" / "lowest.txt").read_text(), re.M))
+    assert set(pinned) >= {"celery", "kombu", "redis"}
+    for name, version in pinned.items():
+        assert declared[name] == version, f"pyproject allows {name}>={declared[name]}, CI tests {version}"

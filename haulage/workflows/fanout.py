@@ -1,8 +1,14 @@
-"""Haulage's own tasks: expanding a fan-out, and finishing a run."""
+"""Expanding a fan-out stage: the ``haulage.fan_out`` task.
+
+When the chain reaches a fan-out stage, this task reads the stage's items (the
+static list, or the previous stage's output), checks each against the first
+step's parameters, counts them on the run once, and replaces itself with a
+group of one signature (or one chain) per item, whose Results the next stage
+receives. Each item's step key comes from its position: ``1:analyze_page[17]``.
+"""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from celery import chain, group
@@ -12,22 +18,13 @@ from haulage.dispatch.dispatcher import signature_for
 from haulage.errors import HaulageError, PlanError
 from haulage.jsonutil import dumps
 from haulage.progress import get_store
-from haulage.progress.models import Checkpoint, Event, RunStatus, RunUpdate, now
+from haulage.progress.models import Checkpoint, Event, RunUpdate, now
 from haulage.tasks.app import app
-from haulage.tasks.durable import build_input, fail_run, input_keys, mark_processing, policy_blocks, results_summary
-from haulage.tasks.ending import end_run
+from haulage.tasks.checkpoints import build_input, input_keys
+from haulage.tasks.ending import fail_run
 from haulage.tasks.flow import Flow, skipped_ref
-from haulage.tasks.results import Results
+from haulage.tasks.records import mark_processing
 from haulage.tasks.step import get_step
-
-log = logging.getLogger("haulage.internal")
-
-#: seconds between looks while waiting for a coalescing store's counters to land
-SETTLE_POLL = 0.5
-#: the checkpoint key of a run's final value
-RESULT_KEY = "end"
-#: a final value up to this size (JSON characters) is copied into the run document's summary
-SUMMARY_LIMIT = 4096
 
 
 def item_key(stage: int, sub_index: int, sub_count: int, name: str, item: int) -> str:
@@ -104,47 +101,3 @@ def _check_items(items: Any, spec: dict[str, Any], flow: Flow) -> list[dict[str,
         first.check_kwargs({**spec["steps"][0]["params"], **spec["kwargs"], **item}, takes_input=False,
                            where=f"fan-out item {i}")  # fmt: skip
     return items
-
-
-@app.task(name="haulage.finish", bind=True, typing=False, max_retries=None)
-def finish_run(task: Any, *args: Any, run_id: str, flow: Flow, settled_for: float = 0.0) -> Any:
-    """Record the run's final value and end it COMPLETE (or FAILED under on_failure="fail")."""
-    store = get_store()
-    prev = args[0] if args else None
-    status, cps = store.load_step_state(run_id, input_keys(flow, prev))
-    if status is None or status.terminal:
-        return None
-    if settled_for < store.settle_seconds and not _counters_landed(store, run_id):
-        # A coalescing store (Firestore) may still hold other workers' counter updates;
-        # the final document should show them, so wait for them, briefly.
-        raise task.retry(countdown=SETTLE_POLL, kwargs={"run_id": run_id, "flow": flow,
-                                                        "settled_for": settled_for + SETTLE_POLL})  # fmt: skip
-    inputs, results = build_input(flow, prev, cps)
-    if policy_blocks(store, run_id, flow, results, RESULT_KEY):
-        return None
-    final = results.to_dict() if results is not None else (inputs[0] if inputs else None)
-    store.put_checkpoint(run_id, Checkpoint(RESULT_KEY, RESULT_KEY, final))
-    summary = _summary(final, results)
-    message = "complete" if results is None or results.ok else f"complete with {len(results.failures)} failure(s)"
-    end_run(
-        store,
-        run_id,
-        RunStatus.COMPLETE,
-        RunUpdate(
-            set={"result": summary, "percent": 100.0, "message": message, "finished_at": now()},
-            events=[Event(now(), "complete", message)],
-        ),
-    )
-    return None
-
-
-def _counters_landed(store: Any, run_id: str) -> bool:
-    run = store.get_run(run_id)
-    return run is None or run.steps.done + run.steps.failed >= run.steps.total
-
-
-def _summary(final: Any, results: Results | None) -> Any:
-    if results is not None:
-        return results_summary(results)
-    text = dumps(final)
-    return final if len(text) <= SUMMARY_LIMIT else {"truncated": True, "size": len(text)}

@@ -1,0 +1,206 @@
+"""`haulage run`, `watch`, `status`, `results`, `list`, `cancel`, `resume`, `workflows`: starting and following runs.
+
+The commands call the public API as ``haulage.get_run(...)`` rather than
+importing the functions by name: the package loads their modules (and the
+Celery app and the store) on first use, so the app is built only when a
+command runs, after ``haulage dev`` or ``demo`` has set the environment it
+reads, and ``haulage --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import haulage
+from haulage import UsageError
+from haulage.cli.display import ProgressPrinter, record_summary, to_json
+
+if TYPE_CHECKING:  # for annotations only, as in display.py
+    from haulage import RunRecord
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``-p key=value``: the value is JSON when it parses as JSON, else a string."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"-p expects key=value, got {pair!r}")
+        try:
+            params[key] = json.loads(raw)
+        except ValueError:
+            params[key] = raw
+    return params
+
+
+def follow(run_id: str, timeout: float | None, *, quiet: bool = False) -> Any:
+    """Show a live progress line until the run ends (driven by the store's change feed); return its final record."""
+    printer = None if quiet else ProgressPrinter()
+    record = None
+    try:
+        for record in haulage.get_run(run_id).watch(timeout=timeout):
+            if printer:
+                printer.show(record)
+    finally:
+        if printer:
+            printer.done()
+    return record
+
+
+def print_outcome(record: RunRecord, as_json: bool) -> int:
+    """Print a finished run (its results when it completed); the exit code says whether it completed."""
+    results: Any = None
+    if record.status is haulage.RunStatus.COMPLETE:
+        results = haulage.get_run(record.id).results()
+    if as_json:
+        print(to_json({"run": record.to_dict(), "results": results}))
+    else:
+        print(record_summary(record, haulage.get_run(record.id).steps()))
+        if results is not None:
+            print("results")
+            print(to_json(results))
+    return 0 if record.status is haulage.RunStatus.COMPLETE else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    haulage.registry.load_modules()
+    run = haulage.registry.get(args.name).start(
+        created_by=args.created_by,
+        idempotency_key=args.idempotency_key,
+        tags=args.tag or None,
+        **parse_params(args.param or []),
+    )
+    if not (args.wait or args.watch):
+        print(json.dumps({"run_id": run.id}) if args.json else run.id)
+        return 0
+    if not args.json:
+        print(f"run {run.id}")
+    record = follow(run.id, args.timeout, quiet=args.json or not args.watch)
+    return print_outcome(record, args.json)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    record = follow(args.run_id, args.timeout)
+    return print_outcome(record, False)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    record = haulage.get_run(args.run_id).status()
+    print(to_json(record.to_dict()) if args.json else record_summary(record))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    print(to_json(haulage.get_run(args.run_id).results()))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    runs = haulage.list_runs(workflow=args.workflow, status=args.status, created_by=args.created_by,
+                             limit=args.limit, offset=args.offset)  # fmt: skip
+    if args.json:
+        print(to_json([r.to_dict() for r in runs]))
+        return 0
+    for r in runs:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
+        print(f"{r.id}  {stamp}  {r.workflow:<18} {r.status.value:<10} {r.percent:5.1f}%  {r.message[:50]}")
+    if not runs:
+        print("no runs")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    cancelled = haulage.cancel_run(args.run_id)
+    print(f"run {args.run_id} cancelled" if cancelled else f"run {args.run_id} had already ended; nothing to cancel")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    haulage.registry.load_modules()
+    run = haulage.get_run(args.run_id).resume()
+    print(f"run {run.id} resumed ({run.status().status.value})")
+    return 0
+
+
+def cmd_workflows(args: argparse.Namespace) -> int:
+    haulage.registry.load_modules()
+    listing: list[dict[str, Any]] = []
+    for wf in haulage.registry.all_workflows():
+        schema = wf.parameters_schema()
+        required = set(schema.get("required", []))
+        params = {name: {"type": _type_of(spec), "required": name in required}
+                  for name, spec in schema.get("properties", {}).items()}  # fmt: skip
+        listing.append({"name": wf.name, "on_failure": wf.on_failure, "parameters": params,
+                        "description": (wf.__doc__ or "").strip().splitlines()[0] if wf.__doc__ else ""})  # fmt: skip
+    if args.json:
+        print(to_json(listing))
+        return 0
+    if not listing:
+        print("no workflows registered; set HAULAGE_MODULES to your modules")
+    for item in listing:
+        shown = ", ".join(f"{n}: {p['type']}{'' if p['required'] else ' (optional)'}"
+                          for n, p in item["parameters"].items())  # fmt: skip
+        print(f"{item['name']}({shown})  {item['description']}")
+    return 0
+
+
+def _type_of(spec: dict[str, Any]) -> str:
+    if "type" in spec:
+        if spec["type"] == "array" and isinstance(spec.get("items"), dict):
+            return f"list[{_type_of(spec['items'])}]"
+        return str(spec["type"])
+    if "$ref" in spec:
+        return str(spec["$ref"]).rsplit("/", 1)[-1]
+    if "anyOf" in spec:
+        return " | ".join(_type_of(s) for s in spec["anyOf"])
+    return "any"
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the run commands on the ``haulage`` parser."""
+    p = sub.add_parser("run", help="start a workflow by name")
+    p.add_argument("name")
+    p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE", help="a parameter (JSON values parse)")
+    p.add_argument("--created-by")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--tag", action="append")
+    p.add_argument("--wait", action="store_true", help="wait for the run to end and print the outcome")
+    p.add_argument("--watch", action="store_true", help="like --wait, with a live progress bar")
+    p.add_argument("--timeout", type=float)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("watch", help="follow a run with a live progress bar until it ends")
+    p.add_argument("run_id")
+    p.add_argument("--timeout", type=float)
+    p.set_defaults(func=cmd_watch)
+
+    for name, func, help_text in (
+        ("status", cmd_status, "show a run's document"),
+        ("results", cmd_results, "print a finished run's results as JSON"),
+        ("cancel", cmd_cancel, "cancel a run"),
+        ("resume", cmd_resume, "resume a run from its checkpoints"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("run_id")
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+        if name == "results":
+            p.add_argument("--json", action="store_true", help="(results are always JSON)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("list", help="list runs, newest first")
+    p.add_argument("--workflow")
+    p.add_argument("--status", choices=["PENDING", "PROCESSING", "COMPLETE", "FAILED", "CANCELLED"])
+    p.add_argument("--created-by")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("workflows", help="list registered workflows and their parameters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_workflows)

@@ -1,0 +1,115 @@
+"""The coordination seam: the state runs share besides their progress documents.
+
+The :class:`~haulage.progress.store.Store` holds what a run *is* (its document,
+steps, checkpoints, guards) in Redis or Firestore. What the engine needs to
+*coordinate* its processes lives here, always on Redis: step locks with their
+holders' liveness, stage counters, item ledgers, the Cloud Run hand-off and
+completion events. The contract suite in
+tests/contract/test_coordination_contract.py runs unchanged against every
+implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+
+class LockGrant(Enum):
+    """The outcome of :meth:`Coordination.acquire_lock`."""
+
+    REFUSED = 0  #: another holder has the lock and is alive
+    ACQUIRED = 1  #: the lock was free
+    TAKEN_OVER = 2  #: the lock was held by a holder whose liveness had lapsed (the process is gone)
+
+    @property
+    def held(self) -> bool:
+        return self is not LockGrant.REFUSED
+
+
+@dataclass(frozen=True)
+class LockRelease:
+    """The outcome of :meth:`Coordination.release_lock`."""
+
+    released: bool  #: False when the caller no longer held the lock (it lapsed and someone took it)
+    stage_count: int | None  #: the stage's finished count after this release counted one; None if none was counted
+
+
+class Handoff(Enum):
+    """What the dispatcher and a job container pass each other, per (run id, step key)."""
+
+    PAYLOAD = "payload"  #: the step's message, written by the dispatcher before it starts the execution
+    REPORT = "report"  #: how the step failed in a container attempt, written by the job
+
+
+class CompletionFeed(Protocol):
+    """Completion events as they are published (close the feed when done)."""
+
+    def get(self, timeout: float) -> dict[str, Any] | None:
+        """The next event, waiting up to ``timeout`` seconds; None if none came."""
+
+    def close(self) -> None: ...
+
+
+class Coordination(Protocol):
+    # --- step locks -----------------------------------------------------
+    def acquire_lock(
+        self, run_id: str, step_key: str, token: str, *, ttl_seconds: float, liveness_seconds: float
+    ) -> LockGrant:
+        """Take the lock of (run, step) for ``token``, atomically.
+
+        Granted when the lock is free, or when its holder's liveness has lapsed
+        (a take-over); refused while a live holder has it. On a grant the lock
+        lives ``ttl_seconds`` and the new holder's liveness ``liveness_seconds``.
+        Raises :class:`~haulage.errors.LockUnavailable` when the backend cannot
+        answer: without an answer no one can know the step is not running
+        elsewhere, so callers fail closed.
+        """
+
+    def refresh_liveness(self, token: str, liveness_seconds: float) -> None:
+        """Keep the holder ``token`` alive for another ``liveness_seconds`` (its heartbeat)."""
+
+    def release_lock(self, run_id: str, step_key: str, token: str, *, count_stage: int | None = None) -> LockRelease:
+        """Release the lock if ``token`` still holds it (compare-and-delete) and end the holder's liveness.
+
+        A lock that lapsed and was taken by another holder is left to that
+        holder. When ``count_stage`` is given, one finished unit of that stage
+        is counted in the same atomic step, whoever held the lock.
+        """
+
+    # --- stage counters -------------------------------------------------
+    def count_stage(self, run_id: str, stage: int) -> int:
+        """Count one finished unit of plan stage ``stage``; return the stage's new count (atomic)."""
+
+    # --- ledgers --------------------------------------------------------
+    def ledger_add(self, run_id: str, step_key: str, name: str, item_id: str) -> None:
+        """Record ``item_id`` in the ledger ``name`` of (run, step); adding it again changes nothing."""
+
+    def ledger_contains(self, run_id: str, step_key: str, name: str, item_ids: Sequence[str]) -> list[bool]:
+        """For each of ``item_ids`` (in order), whether the ledger holds it, read in one round trip."""
+
+    def ledger_count(self, run_id: str, step_key: str, name: str) -> int:
+        """How many distinct items the ledger holds."""
+
+    # --- Cloud Run hand-off ---------------------------------------------
+    def put_handoff(self, run_id: str, step_key: str, kind: Handoff, data: dict[str, Any], ttl_seconds: float) -> None:
+        """Store ``data`` (JSON) as the step's ``kind``, replacing any earlier one; it expires after ``ttl_seconds``."""
+
+    def get_handoff(self, run_id: str, step_key: str, kind: Handoff) -> dict[str, Any] | None:
+        """The step's ``kind`` as stored, or None if there is none (never written, cleared or expired)."""
+
+    def clear_handoff(self, run_id: str, step_key: str) -> None:
+        """Forget every kind of hand-off of the step."""
+
+    # --- completion events ----------------------------------------------
+    def publish_completion(self, event: dict[str, Any]) -> None:
+        """Send ``event`` (JSON) to every current subscriber; no one listening is not an error."""
+
+    def watch_completions(self) -> CompletionFeed:
+        """Subscribe to completion events published from now on."""
+
+    # --- retention ------------------------------------------------------
+    def purge_run(self, run_id: str) -> None:
+        """Delete the run's stage counters and ledgers, and nothing of any other run."""

@@ -1,0 +1,24 @@
+"""Real ``google.cloud.run_v2`` clients pointed at a local Cloud Run server."""
+
+from __future__ import annotations
+
+import grpc
+from google.cloud import run_v2
+from google.cloud.run_v2.services.executions.transports import ExecutionsGrpcTransport
+from google.cloud.run_v2.services.jobs.transports import JobsGrpcTransport
+
+
+def make_clients(address: str) -> tuple[run_v2.JobsClient, run_v2.ExecutionsClient]:
+    """Real run_v2 clients for ``host:port`` over one insecure channel (no credentials).
+
+    Close both with ``jobs.transport.close()``: they share the channel.
+
+    Example::
+
+        jobs, executions = make_clients(server.address)
+    """
+    channel = grpc.insecure_channel(address)
+    return (
+        run_v2.JobsClient(transport=JobsGrpcTransport(channel=channel)),
+        run_v2.ExecutionsClient(transport=ExecutionsGrpcTransport(channel=channel)),
+    )

@@ -1,0 +1,44 @@
+"""The Firestore backend of the Store: the production store (the ``firestore`` extra).
+
+Layout: one document per run in the collection (id = run id) with the fields
+of :class:`~haulage.progress.models.RunRecord`: ``steps.{total,done,failed}`` and
+``cost.<model>.{usd,input_tokens,output_tokens,calls}`` as nested maps updated
+with ``Increment``, ``history`` as a list of maps, ``updated_ts`` as a server
+timestamp next to the float epoch fields, and ``status_at`` (when the status
+last changed). Steps, checkpoints and guards live in the subcollections
+``steps``, ``checkpoints`` and ``guards`` (document id = key, with "/" and "%"
+percent-encoded). User data that a Firestore document cannot hold natively
+(arrays inside arrays, integers beyond 64 bits, empty or reserved map keys) is
+stored as JSON text in a ``<field>_json`` companion field.
+
+Write coalescing: Firestore sustains about one write per second per document,
+while a fan-out reports progress, cost and completions many times a second.
+``update_run`` (and the run part of ``start_step``/``complete_step``) only
+merges the change into a per-run buffer in memory; a background thread writes
+each buffer at most once per ``HAULAGE_FIRESTORE_COALESCE_SECONDS``. The pace is
+kept across processes too: a flush reads the document's ``update_time`` and
+writes with it as a precondition no sooner than one interval after it, so all
+workers together stay near one coalesced write per interval. Status
+transitions, a step completion that ends a stage, ``flush()``/``close()`` and
+process exit (atexit, and Celery's ``worker_process_shutdown`` for prefork
+children, which skip atexit) write at once. ``get_run`` shows this process's
+pending changes (read your writes).
+
+What readers in other processes see: a terminal status at once, but counters
+and cost buffered by other workers up to about one interval later (a run may
+read COMPLETE with steps.done still catching up). A status change is a barrier
+for buffered ``set`` fields: one asked for before it is dropped rather than
+written over what the transition set. A change buffered by a process that is
+killed (SIGKILL) is lost: counters may stay short, checkpoints never do.
+
+Modules: ``encoding`` (records to documents and back), ``buffer`` (the
+coalescing buffer), ``writer`` (the paced writer and its thread), ``store``
+(the FirestoreStore), ``feed`` (change listeners), ``exit_hooks`` (writes at
+process exit).
+"""
+
+from __future__ import annotations
+
+from haulage.progress.firestore.store import FirestoreStore
+
+__all__ = ["FirestoreStore"]

@@ -1,0 +1,237 @@
+"""The coordination contract: every implementation of the seam must pass these, unchanged.
+
+Parametrized over the implementations (only Redis so far); each test works on
+fresh run ids, so the suite shares one server with the other tests.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from haulage.coordination import Coordination, Handoff, LockGrant
+from haulage.coordination.redis_coordination import RedisCoordination
+from haulage.errors import LockUnavailable
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+#: seconds of liveness in these tests: short, so that a lapse is quick to wait for
+LIVENESS = 0.3
+#: seconds of lock TTL: far above LIVENESS, so a take-over can only come from a lapsed liveness
+TTL = 30.0
+
+
+def _redis(request: pytest.FixtureRequest) -> Coordination:
+    return RedisCoordination(redis.Redis.from_url(request.getfixturevalue("redis_server")))
+
+
+def _unreachable_redis(request: pytest.FixtureRequest) -> Coordination:
+    return RedisCoordination(redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2))
+
+
+#: implementation name -> (a working instance, one whose backend cannot answer)
+IMPLEMENTATIONS: dict[str, tuple[Callable[[pytest.FixtureRequest], Coordination], ...]] = {
+    "redis": (_redis, _unreachable_redis),
+}
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def impl(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def coordination(impl: str, request: pytest.FixtureRequest) -> Coordination:
+    return IMPLEMENTATIONS[impl][0](request)
+
+
+@pytest.fixture
+def unreachable(impl: str, request: pytest.FixtureRequest) -> Coordination:
+    return IMPLEMENTATIONS[impl][1](request)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def acquire(c: Coordination, run_id: str, token: str, *, liveness: float = LIVENESS, step: str = "0:s") -> LockGrant:
+    return c.acquire_lock(run_id, step, token, ttl_seconds=TTL, liveness_seconds=liveness)
+
+
+# --- step locks ----------------------------------------------------------
+
+
+def test_lock_is_exclusive_and_released_only_by_its_holder(coordination: Coordination) -> None:
+    run_id, a, b = new_id(), new_id(), new_id()
+    assert acquire(coordination, run_id, a, liveness=TTL) is LockGrant.ACQUIRED
+    assert acquire(coordination, run_id, b) is LockGrant.REFUSED
+    assert acquire(coordination, run_id, a, liveness=TTL) is LockGrant.REFUSED  # not re-entrant either
+    assert coordination.release_lock(run_id, "0:s", b).released is False  # not the holder: the lock stays
+    assert acquire(coordination, run_id, b) is LockGrant.REFUSED
+    assert coordination.release_lock(run_id, "0:s", a).released is True
+    assert acquire(coordination, run_id, b) is LockGrant.ACQUIRED  # free again, so not a take-over
+    assert coordination.release_lock(run_id, "0:s", b).released is True
+
+
+def test_locks_of_other_steps_and_runs_are_independent(coordination: Coordination) -> None:
+    run_id, other_run = new_id(), new_id()
+    assert acquire(coordination, run_id, new_id(), step="0:s") is LockGrant.ACQUIRED
+    assert acquire(coordination, run_id, new_id(), step="1:t") is LockGrant.ACQUIRED
+    assert acquire(coordination, other_run, new_id(), step="0:s") is LockGrant.ACQUIRED
+
+
+def test_lock_is_taken_over_only_after_the_holders_liveness_lapses(coordination: Coordination) -> None:
+    run_id, dead, contender = new_id(), new_id(), new_id()
+    assert acquire(coordination, run_id, dead) is LockGrant.ACQUIRED
+    started = time.monotonic()
+
+    def beating_for_three_livenesses() -> bool:
+        coordination.refresh_liveness(dead, LIVENESS)
+        assert acquire(coordination, run_id, contender) is LockGrant.REFUSED  # alive: no take-over
+        return time.monotonic() - started > 3 * LIVENESS
+
+    wait_until(beating_for_three_livenesses, timeout=10, interval=LIVENESS / 5, what="three livenesses of beats")
+    # The beats stop (the holder was killed): once its liveness lapses, the contender takes over.
+    grant = wait_until(lambda: acquire(coordination, run_id, contender) is LockGrant.TAKEN_OVER or None,
+                       timeout=10, interval=0.02, what="take-over after the liveness lapsed")  # fmt: skip
+    assert grant is True
+    # The dead holder, waking, cannot release what is no longer its own.
+    assert coordination.release_lock(run_id, "0:s", dead).released is False
+    assert acquire(coordination, run_id, new_id()) is LockGrant.REFUSED
+    assert coordination.release_lock(run_id, "0:s", contender).released is True
+
+
+def test_lock_fails_closed_when_the_backend_cannot_answer(unreachable: Coordination) -> None:
+    with pytest.raises(LockUnavailable, match="cannot take step lock"):
+        acquire(unreachable, new_id(), new_id())
+
+
+# --- stage counters ------------------------------------------------------
+
+
+def test_stage_counters_count_per_run_and_stage_and_on_release(coordination: Coordination) -> None:
+    run_id, other_run, token = new_id(), new_id(), new_id()
+    assert coordination.count_stage(run_id, 1) == 1
+    assert coordination.count_stage(run_id, 1) == 2
+    assert coordination.count_stage(run_id, 2) == 1
+    assert coordination.count_stage(other_run, 1) == 1
+    acquire(coordination, run_id, token)
+    released = coordination.release_lock(run_id, "0:s", token, count_stage=1)
+    assert released.released is True and released.stage_count == 3  # the same counter, in the same step
+    assert coordination.release_lock(run_id, "0:s", token).stage_count is None  # nothing counted
+    # A non-holder's release still counts its unit: the unit finished, whoever holds the lock now.
+    assert coordination.release_lock(run_id, "0:s", new_id(), count_stage=1).stage_count == 4
+
+
+# --- ledgers -------------------------------------------------------------
+
+
+def test_ledger_add_contains_and_count(coordination: Coordination) -> None:
+    run_id = new_id()
+    assert coordination.ledger_count(run_id, "0:s", "rows") == 0
+    assert coordination.ledger_contains(run_id, "0:s", "rows", ["1", "2"]) == [False, False]
+    assert coordination.ledger_contains(run_id, "0:s", "rows", []) == []
+    coordination.ledger_add(run_id, "0:s", "rows", "2")
+    coordination.ledger_add(run_id, "0:s", "rows", "2")  # adding again changes nothing
+    coordination.ledger_add(run_id, "0:s", "rows", "3")
+    assert coordination.ledger_contains(run_id, "0:s", "rows", ["3", "1", "2"]) == [True, False, True]
+    assert coordination.ledger_count(run_id, "0:s", "rows") == 2
+    # Ledgers of another name, step or run are apart.
+    assert coordination.ledger_contains(run_id, "0:s", "pages", ["2"]) == [False]
+    assert coordination.ledger_contains(run_id, "1:s", "rows", ["2"]) == [False]
+    assert coordination.ledger_contains(new_id(), "0:s", "rows", ["2"]) == [False]
+
+
+# --- Cloud Run hand-off --------------------------------------------------
+
+
+def test_handoff_round_trip_per_kind_replace_and_clear(coordination: Coordination) -> None:
+    run_id = new_id()
+    payload: dict[str, Any] = {"step": "s", "args": [{"ref": "0:a"}], "params": {"x": [1, 2]}, "task_id": None}
+    assert coordination.get_handoff(run_id, "0:s", Handoff.PAYLOAD) is None
+    coordination.put_handoff(run_id, "0:s", Handoff.PAYLOAD, payload, TTL)
+    assert coordination.get_handoff(run_id, "0:s", Handoff.PAYLOAD) == payload
+    assert coordination.get_handoff(run_id, "0:s", Handoff.REPORT) is None  # kinds are apart
+    assert coordination.get_handoff(run_id, "1:s", Handoff.PAYLOAD) is None  # and steps
+    coordination.put_handoff(run_id, "0:s", Handoff.REPORT, {"attempt": 1}, TTL)
+    coordination.put_handoff(run_id, "0:s", Handoff.REPORT, {"attempt": 2}, TTL)  # replaces
+    assert coordination.get_handoff(run_id, "0:s", Handoff.REPORT) == {"attempt": 2}
+    coordination.clear_handoff(run_id, "0:s")
+    assert coordination.get_handoff(run_id, "0:s", Handoff.PAYLOAD) is None
+    assert coordination.get_handoff(run_id, "0:s", Handoff.REPORT) is None
+
+
+def test_handoff_expires_after_its_ttl(coordination: Coordination) -> None:
+    run_id = new_id()
+    coordination.put_handoff(run_id, "0:s", Handoff.PAYLOAD, {"step": "s"}, 0.3)
+    coordination.put_handoff(run_id, "0:s", Handoff.REPORT, {"attempt": 1}, TTL)
+    assert coordination.get_handoff(run_id, "0:s", Handoff.PAYLOAD) == {"step": "s"}
+    wait_until(lambda: coordination.get_handoff(run_id, "0:s", Handoff.PAYLOAD) is None, timeout=10, interval=0.05,
+               what="the payload to expire")  # fmt: skip
+    assert coordination.get_handoff(run_id, "0:s", Handoff.REPORT) == {"attempt": 1}
+
+
+def test_handoff_holds_json_only(coordination: Coordination) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        coordination.put_handoff(new_id(), "0:s", Handoff.PAYLOAD, {"value": object()}, TTL)
+    with pytest.raises((TypeError, ValueError)):
+        coordination.put_handoff(new_id(), "0:s", Handoff.PAYLOAD, {"value": float("nan")}, TTL)
+
+
+# --- completion events ---------------------------------------------------
+
+
+@pytest.fixture
+def feeds(coordination: Coordination) -> Iterator[Callable[[], Any]]:
+    opened: list[Any] = []
+
+    def watch() -> Any:
+        opened.append(coordination.watch_completions())
+        return opened[-1]
+
+    yield watch
+    for feed in opened:
+        feed.close()
+
+
+def test_completion_events_reach_every_subscriber(coordination: Coordination, feeds: Callable[[], Any]) -> None:
+    first, second = feeds(), feeds()
+    event = {"run_id": new_id(), "status": "COMPLETE", "tags": ["a"], "steps": {"total": 2, "done": 2}}
+    coordination.publish_completion(event)
+    assert first.get(timeout=10) == event
+    assert second.get(timeout=10) == event
+    started = time.monotonic()
+    assert first.get(timeout=0.2) is None  # one event, heard once
+    assert time.monotonic() - started >= 0.2
+
+
+def test_publishing_with_no_subscriber_is_not_an_error(coordination: Coordination, feeds: Callable[[], Any]) -> None:
+    coordination.publish_completion({"run_id": new_id(), "status": "FAILED"})
+    later = feeds()
+    assert later.get(timeout=0.2) is None  # events published before subscribing are not replayed
+
+
+# --- retention -----------------------------------------------------------
+
+
+def test_purge_removes_exactly_the_runs_keys(coordination: Coordination) -> None:
+    run_id = new_id()
+    neighbour = run_id + "x"  # an id that begins with the purged one must survive
+    for rid in (run_id, neighbour):
+        coordination.count_stage(rid, 1)
+        coordination.ledger_add(rid, "0:s", "rows", "1")
+        coordination.ledger_add(rid, "1:t[3]", "pages", "7")
+    coordination.purge_run(run_id)
+    assert coordination.ledger_count(run_id, "0:s", "rows") == 0
+    assert coordination.ledger_count(run_id, "1:t[3]", "pages") == 0
+    assert coordination.count_stage(run_id, 1) == 1  # the counter started over
+    assert coordination.ledger_count(neighbour, "0:s", "rows") == 1
+    assert coordination.ledger_count(neighbour, "1:t[3]", "pages") == 1
+    assert coordination.count_stage(neighbour, 1) == 2
+    coordination.purge_run(new_id())  # a run with nothing to purge is not an error
