@@ -146,12 +146,35 @@ class LockUnavailable(InfrastructureError):
     """Raised when the step lock cannot be checked (Redis error): fail closed."""
 
 
+class EffectOutcomeUnknown(InfrastructureError):
+    """Raised by ``ctx.once(key, on_unknown="fail")`` when an earlier attempt died inside the guarded block.
+
+    Whether that attempt's effect happened is unknown; the step fails without
+    retrying (another attempt would find the same unknown).
+    """
+
+
 class StepFailed(RunOutcome):
     """Raised (and recorded on the run) when a step of the main chain fails after its retries."""
 
 
 class StepResultNotSerializable(UsageError):
     """Raised when a step returns a value that cannot be stored as JSON."""
+
+
+class StepResultTooLarge(StepResultNotSerializable):
+    """Raised when a step's result is larger than the store holds in one checkpoint (never retried)."""
+
+
+class ConfigMismatch(UsageError):
+    """Raised when this process's settings disagree with the workers' on a setting both must share.
+
+    ``settings`` maps each disagreeing setting to ``{"here": value, "workers": {hostname: value}}``.
+    """
+
+    def __init__(self, message: str, settings: dict[str, Any] | None = None) -> None:
+        self.settings = settings or {}
+        super().__init__(message)
 
 
 class DispatchError(InfrastructureError):

@@ -57,6 +57,35 @@ def lock_alive(token: str) -> str:
     return f"{_p()}:alive:{token}"
 
 
+def held_delivery(tag: str) -> str:
+    """Marks a broker delivery tag as held by a live worker (see haulage/tasks/orphans.py); expires with it."""
+    return f"{_p()}:held:{tag}"
+
+
+def turn(name: str) -> str:
+    """Whose turn it is at a periodic job shared by all workers (e.g. the orphan sweep)."""
+    return f"{_p()}:turn:{name}"
+
+
+def crashes(run_id: str) -> str:
+    """Hash of step key -> how many times a worker died running that step."""
+    return f"{_p()}:run:{run_id}:crashes"
+
+
+def worker_settings() -> str:
+    """Hash of worker hostname -> the settings it must share with the processes that start runs.
+
+    Under the default prefix whatever HAULAGE_KEY_PREFIX is, on purpose: a process whose
+    prefix disagrees with the workers' must still find their announcement (see haulage/tasks/agreement.py).
+    """
+    return "haulage:agreement:workers"
+
+
+def lost_run(run_id: str) -> str:
+    """Why a worker could not find run ``run_id`` in its store (the starting process reads it)."""
+    return f"{_p()}:lost:{run_id}"
+
+
 def stage_progress(run_id: str) -> str:
     """Hash of finished-unit counters per plan stage, for the run's percent."""
     return f"{_p()}:run:{run_id}:stages"

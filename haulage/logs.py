@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from celery._state import get_current_task
+
 from haulage.errors import ConfigError
 
 FIELDS = ("run_id", "step_key", "attempt", "backend")
@@ -36,15 +38,51 @@ def step_scope(**fields: Any) -> Iterator[None]:
         _step.reset(token)
 
 
+def task_fields() -> dict[str, Any]:
+    """The run id and step key of the Haulage task this thread is running (fan-out, finish, driver), if any.
+
+    Every Haulage task is called with ``run_id`` and ``key`` (or ``flow``) keyword arguments, so
+    the engine's own lines outside a step's body still say which run they are about.
+    """
+    task = get_current_task()
+    request = getattr(task, "request", None)
+    kwargs = getattr(request, "kwargs", None)
+    if not isinstance(kwargs, dict) or not kwargs.get("run_id"):
+        return {}
+    flow = kwargs.get("flow")
+    flow = flow if isinstance(flow, dict) else {}
+    fields: dict[str, Any] = {"run_id": kwargs["run_id"]}
+    if kwargs.get("key"):
+        fields["step_key"] = kwargs["key"]
+    if flow.get("attempt"):
+        fields["attempt"] = flow["attempt"]
+    return fields
+
+
 class StepFields(logging.Filter):
-    """Adds the running step's fields to every record (empty strings outside a step)."""
+    """Adds the running step's fields to every record (from the running task outside a step; else empty)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        current = _step.get() or {}
+        current = _step.get() or task_fields()
         for name in FIELDS:
             if not hasattr(record, name):
                 setattr(record, name, current.get(name, ""))
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger [run=... step=... attempt=... backend=...] message``, showing only the fields set."""
+
+    NAMES = {"run_id": "run", "step_key": "step", "attempt": "attempt", "backend": "backend"}
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s%(haulage_fields)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        shown = " ".join(f"{label}={getattr(record, name)}" for name, label in self.NAMES.items()
+                         if getattr(record, name, "") not in ("", None))  # fmt: skip
+        record.haulage_fields = f" [{shown}]" if shown else ""
+        return super().format(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,10 +106,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [run=%(run_id)s step=%(step_key)s attempt=%(attempt)s " \
-              "backend=%(backend)s] %(message)s"  # fmt: skip
-
-
 def log_format() -> str:
     value = os.environ.get("HAULAGE_LOG_FORMAT", "").strip().lower() or "text"
     if value not in ("text", "json"):
@@ -83,7 +117,7 @@ def install(handler: logging.Handler) -> None:
     """Give ``handler`` the step fields and the configured format."""
     if not any(isinstance(f, StepFields) for f in handler.filters):
         handler.addFilter(StepFields())
-    handler.setFormatter(JsonFormatter() if log_format() == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format() == "json" else TextFormatter())
 
 
 def configure(level: str | int | None = None) -> None:

@@ -71,6 +71,7 @@ class Settings:
     lock_liveness: float  #: seconds a dead lock holder blocks its step before a redelivery takes over
     stale_after: float  #: seconds without a heartbeat before the reaper resumes a run
     max_recoveries: int  #: resumes the reaper tries before it fails a stale run
+    crash_retries: int  #: times a step may be re-run after its worker died before it fails
     reaper_interval: float  #: seconds between reaper passes (beat)
     retention_days: float  #: finished runs older than this are deleted
     retention_interval: float  #: seconds between retention passes (beat)
@@ -81,6 +82,7 @@ class Settings:
     cloudrun_poll_interval: float  #: seconds between looks at a running execution
     cloudrun_call_timeout: float  #: seconds; the deadline of every Cloud Run API call
     cloudrun_deadline_margin: float  #: seconds past the step's timeout before Haulage cancels an execution
+    redis_check: str  #: "refuse" (default), "warn" or "off": a worker's start-up look at Redis's eviction policy
 
 
 def load_settings() -> Settings:
@@ -114,6 +116,7 @@ def load_settings() -> Settings:
         lock_liveness=_number("HAULAGE_LOCK_LIVENESS", 15, minimum=1),
         stale_after=_number("HAULAGE_STALE_AFTER", 600, minimum=1),
         max_recoveries=int(_number("HAULAGE_MAX_RECOVERIES", 3, minimum=0)),
+        crash_retries=int(_number("HAULAGE_CRASH_RETRIES", 3, minimum=0)),
         reaper_interval=_number("HAULAGE_REAPER_INTERVAL", 60, minimum=0.5),
         retention_days=_number("HAULAGE_RETENTION_DAYS", 30, minimum=0.001),
         retention_interval=_number("HAULAGE_RETENTION_INTERVAL", 3600, minimum=1),
@@ -124,6 +127,7 @@ def load_settings() -> Settings:
         cloudrun_poll_interval=_number("HAULAGE_CLOUDRUN_POLL_INTERVAL", 5.0, minimum=0.05),
         cloudrun_call_timeout=_number("HAULAGE_CLOUDRUN_CALL_TIMEOUT", 30.0, minimum=0.1),
         cloudrun_deadline_margin=_number("HAULAGE_CLOUDRUN_DEADLINE_MARGIN", 300.0, minimum=0),
+        redis_check=_choice("HAULAGE_REDIS_CHECK", "refuse", ("refuse", "warn", "off")),
     )
 
 

@@ -243,3 +243,14 @@ def t_inproc(x: int) -> Any:
 def t_followed(x: int) -> Any:
     """When a run ends COMPLETE, t_chain starts with its result as x."""
     return chain(add.s(x=x))
+
+
+@step
+def pass_rows(ctx: StepContext, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Returns the rows as given: a fan-out's items exactly as a user's step produced them."""
+    return rows
+
+
+@workflow("t_rows")
+def t_rows(rows: list[dict[str, Any]]) -> Any:
+    return chain(pass_rows.s(rows=rows), fan_out(square), total.s())

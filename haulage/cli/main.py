@@ -15,9 +15,13 @@ import logging
 import os
 import sys
 
+import redis
+
 from haulage.cli import dev, runs, services
-from haulage.errors import HaulageError
+from haulage.devtools.client_env import adopt_dev_env
+from haulage.errors import HaulageError, InfrastructureError
 from haulage.logs import configure
+from haulage.settings import DEFAULT_REDIS_URL, env_str
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unreachable_hint(exc: BaseException) -> str:
+    """For a shell that never learnt where `haulage dev`'s Redis is: the likely fix, else nothing."""
+    unreachable = isinstance(exc, redis.ConnectionError) or (
+        isinstance(exc, InfrastructureError) and "unreachable" in str(exc))
+    if not unreachable or env_str("HAULAGE_REDIS_URL"):
+        return ""
+    return (f"; HAULAGE_REDIS_URL is not set in this shell, so Haulage tried {DEFAULT_REDIS_URL}: is `haulage dev` "
+            "running? Start it, or `source .haulage/env` from its folder, or set HAULAGE_REDIS_URL")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # As with `python -m` and `celery -A`, the current folder is importable, so that
@@ -36,10 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     configure(None if args.command in services.OWN_LOGGING else logging.WARNING)
+    # A second shell beside `haulage dev` works without `source .haulage/env`.
+    note = "" if args.command in dev.STARTS_A_STACK else adopt_dev_env()
+    if note:
+        print(note, file=sys.stderr)
     try:
         return int(args.func(args))
     except HaulageError as exc:
-        print(f"haulage: error: {exc}", file=sys.stderr)
+        print(f"haulage: error: {exc}{unreachable_hint(exc)}", file=sys.stderr)
+        return 2
+    except redis.ConnectionError as exc:  # a read of the store or a lock: the same answer as a start gets
+        print(f"haulage: error: the store is unreachable ({exc}){unreachable_hint(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("haulage: interrupted", file=sys.stderr)

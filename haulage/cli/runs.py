@@ -22,18 +22,48 @@ if TYPE_CHECKING:  # for annotations only, as in display.py
     from haulage import RunRecord
 
 
-def parse_params(pairs: list[str]) -> dict[str, Any]:
-    """``-p key=value``: the value is JSON when it parses as JSON, else a string."""
+def parse_params(pairs: list[str], schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``-p key=value``: coerced by the parameter's type in ``schema`` (the workflow's JSON schema).
+
+    A ``str`` parameter takes the text as given (``-p order_id=12345`` stays ``"12345"``);
+    any other value is JSON when it parses as JSON (``-p pages=[1,2]``), else the text, and
+    the workflow's validation has the last word.
+    """
     params: dict[str, Any] = {}
+    properties = (schema or {}).get("properties", {})
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"-p expects key=value, got {pair!r}")
+        types = _json_types(properties.get(key, {}), schema or {})
+        if types and types <= {"string", "null"} and not ("null" in types and raw == "null"):
+            params[key] = raw
+            continue
         try:
             params[key] = json.loads(raw)
         except ValueError:
             params[key] = raw
     return params
+
+
+def _json_types(spec: dict[str, Any], schema: dict[str, Any]) -> set[str]:
+    """The JSON types a parameter's schema allows (following $ref and anyOf); empty when it says nothing."""
+    if "$ref" in spec:
+        spec = schema.get("$defs", {}).get(str(spec["$ref"]).rsplit("/", 1)[-1], {})
+    if "anyOf" in spec:
+        found: set[str] = set()
+        for option in spec["anyOf"]:
+            more = _json_types(option, schema)
+            if not more:
+                return set()
+            found |= more
+        return found
+    kind = spec.get("type")
+    if isinstance(kind, str):
+        return {kind}
+    if "enum" in spec and all(isinstance(v, str) for v in spec["enum"]):
+        return {"string"}
+    return set()
 
 
 def follow(run_id: str, timeout: float | None, *, quiet: bool = False) -> Any:
@@ -67,11 +97,12 @@ def print_outcome(record: RunRecord, as_json: bool) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     haulage.registry.load_modules()
-    run = haulage.registry.get(args.name).start(
+    wf = haulage.registry.get(args.name)
+    run = wf.start(
         created_by=args.created_by,
         idempotency_key=args.idempotency_key,
         tags=args.tag or None,
-        **parse_params(args.param or []),
+        **parse_params(args.param or [], wf.parameters_schema()),
     )
     if not (args.wait or args.watch):
         print(json.dumps({"run_id": run.id}) if args.json else run.id)
@@ -98,8 +129,27 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+#: what people call a status Haulage names otherwise
+STATUS_SYNONYMS = {"RUNNING": "PROCESSING", "STARTED": "PROCESSING", "ACTIVE": "PROCESSING", "QUEUED": "PENDING",
+                   "SUCCESS": "COMPLETE", "SUCCEEDED": "COMPLETE", "DONE": "COMPLETE", "COMPLETED": "COMPLETE",
+                   "FAILURE": "FAILED", "ERROR": "FAILED", "CANCELED": "CANCELLED", "REVOKED": "CANCELLED"}  # fmt: skip
+
+
+def parse_status(value: str | None) -> str | None:
+    """A run status by name, any case; a name Haulage does not use is refused with the one it means."""
+    if value is None:
+        return None
+    name = value.strip().upper()
+    known = [s.value for s in haulage.RunStatus]
+    if name in known:
+        return name
+    hint = f"did you mean {STATUS_SYNONYMS[name]}? " if name in STATUS_SYNONYMS else ""
+    raise UsageError(f"unknown run status {value!r}; {hint}statuses are {', '.join(known)}")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    runs = haulage.list_runs(workflow=args.workflow, status=args.status, created_by=args.created_by,
+    status = parse_status(args.status)
+    runs = haulage.list_runs(workflow=args.workflow, status=status, created_by=args.created_by,
                              limit=args.limit, offset=args.offset)  # fmt: skip
     if args.json:
         print(to_json([r.to_dict() for r in runs]))
@@ -120,6 +170,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     haulage.registry.load_modules()
+    before = haulage.get_run(args.run_id).status().status
+    if before is haulage.RunStatus.COMPLETE:
+        print(f"run {args.run_id} is already complete; nothing to resume (`haulage results {args.run_id}`)")
+        return 0
     run = haulage.get_run(args.run_id).resume()
     print(f"run {run.id} resumed ({run.status().status.value})")
     return 0
@@ -131,7 +185,8 @@ def cmd_workflows(args: argparse.Namespace) -> int:
     for wf in haulage.registry.all_workflows():
         schema = wf.parameters_schema()
         required = set(schema.get("required", []))
-        params = {name: {"type": _type_of(spec), "required": name in required}
+        params = {name: {"type": _type_of(spec), "required": name in required,
+                         **({"default": spec["default"]} if "default" in spec else {})}
                   for name, spec in schema.get("properties", {}).items()}  # fmt: skip
         listing.append({"name": wf.name, "on_failure": wf.on_failure, "parameters": params,
                         "description": (wf.__doc__ or "").strip().splitlines()[0] if wf.__doc__ else ""})  # fmt: skip
@@ -141,10 +196,17 @@ def cmd_workflows(args: argparse.Namespace) -> int:
     if not listing:
         print("no workflows registered; set HAULAGE_MODULES to your modules")
     for item in listing:
-        shown = ", ".join(f"{n}: {p['type']}{'' if p['required'] else ' (optional)'}"
-                          for n, p in item["parameters"].items())  # fmt: skip
+        shown = ", ".join(f"{n}: {p['type']}{_default_shown(p)}" for n, p in item["parameters"].items())
         print(f"{item['name']}({shown})  {item['description']}")
     return 0
+
+
+def _default_shown(param: dict[str, Any]) -> str:
+    if param["required"]:
+        return ""
+    if "default" in param:
+        return f" = {json.dumps(param['default'])}"
+    return " (optional)"
 
 
 def _type_of(spec: dict[str, Any]) -> str:
@@ -163,7 +225,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     """Register the run commands on the ``haulage`` parser."""
     p = sub.add_parser("run", help="start a workflow by name")
     p.add_argument("name")
-    p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE", help="a parameter (JSON values parse)")
+    p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
+                   help="a parameter, coerced by its type (str stays text; other values parse as JSON)")
     p.add_argument("--created-by")
     p.add_argument("--idempotency-key")
     p.add_argument("--tag", action="append")
@@ -194,7 +257,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = sub.add_parser("list", help="list runs, newest first")
     p.add_argument("--workflow")
-    p.add_argument("--status", choices=["PENDING", "PROCESSING", "COMPLETE", "FAILED", "CANCELLED"])
+    p.add_argument("--status", help="PENDING, PROCESSING, COMPLETE, FAILED or CANCELLED")
     p.add_argument("--created-by")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--offset", type=int, default=0)

@@ -51,6 +51,13 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+def _expires(raw: bytes) -> float:
+    try:
+        return float(loads(raw).get("expires", 0))
+    except (ValueError, AttributeError):
+        return 0.0  # not ours or damaged: treat as lapsed
+
+
 class _CompletionFeed:
     def __init__(self, client: redis.Redis) -> None:
         self.pubsub = client.pubsub()
@@ -101,6 +108,65 @@ class RedisCoordination:
         )
         return LockRelease(released=bool(released), stage_count=None if count_stage is None else int(count))
 
+    def lock_holder(self, run_id: str, step_key: str) -> str | None:
+        raw = self.r.get(keys.step_lock(run_id, step_key))
+        return None if raw is None else cast(bytes, raw).decode()
+
+    def holder_alive(self, token: str) -> bool:
+        return bool(self.r.exists(keys.lock_alive(token)))
+
+    # --- crashes and the deliveries live workers hold ---------------------
+    def count_crash(self, run_id: str, step_key: str) -> int:
+        return int(self.r.hincrby(keys.crashes(run_id), step_key, 1))
+
+    def hold_deliveries(self, tags: Sequence[str], liveness_seconds: float) -> None:
+        if not tags:
+            return
+        pipe = self.r.pipeline(transaction=False)  # one round trip per beat, however many tags
+        for tag in tags:
+            pipe.set(keys.held_delivery(tag), "1", px=_ms(liveness_seconds))
+        pipe.execute()
+
+    def held_deliveries(self, tags: Sequence[str]) -> list[bool]:
+        if not tags:
+            return []  # MGET refuses an empty list
+        return [v is not None for v in cast(list[Any], self.r.mget([keys.held_delivery(t) for t in tags]))]
+
+    def take_turn(self, name: str, token: str, seconds: float) -> bool:
+        return bool(self.r.set(keys.turn(name), token, nx=True, px=_ms(seconds)))
+
+    # --- settings agreement ----------------------------------------------
+    # One small hash for every worker of every prefix; each entry carries its own expiry
+    # (a hash field has no TTL on Redis 7.0), and the whole hash lapses when no worker is left.
+    def announce_worker(self, hostname: str, settings: dict[str, Any], ttl_seconds: float) -> None:
+        key, at = keys.worker_settings(), time.time()
+        stored = cast(dict[bytes, bytes], self.r.hgetall(key))
+        lapsed = [name for name, raw in stored.items() if _expires(raw) < at and name != hostname.encode()]
+        pipe = self.r.pipeline()
+        if lapsed:
+            pipe.hdel(key, *lapsed)
+        pipe.hset(key, hostname, dumps({**settings, "expires": at + ttl_seconds}))
+        pipe.expire(key, max(1, int(ttl_seconds * 4)))
+        pipe.execute()
+
+    def withdraw_worker(self, hostname: str) -> None:
+        self.r.hdel(keys.worker_settings(), hostname)
+
+    def worker_announcements(self) -> dict[str, dict[str, Any]]:
+        at = time.time()
+        found = {}
+        for name, raw in cast(dict[bytes, bytes], self.r.hgetall(keys.worker_settings())).items():
+            if _expires(raw) >= at:
+                found[name.decode()] = loads(raw)
+        return found
+
+    def report_lost_run(self, run_id: str, notice: dict[str, Any], ttl_seconds: float) -> None:
+        self.r.set(keys.lost_run(run_id), dumps(notice), px=_ms(ttl_seconds))
+
+    def lost_run(self, run_id: str) -> dict[str, Any] | None:
+        raw = self.r.get(keys.lost_run(run_id))
+        return loads(cast(bytes, raw)) if raw else None
+
     # --- stage counters -------------------------------------------------
     def count_stage(self, run_id: str, stage: int) -> int:
         return int(self.r.hincrby(keys.stage_progress(run_id), str(stage), 1))
@@ -139,4 +205,4 @@ class RedisCoordination:
     # --- retention ------------------------------------------------------
     def purge_run(self, run_id: str) -> None:
         ledgers = list(self.r.scan_iter(keys.ledger_pattern(run_id)))
-        self.r.delete(keys.stage_progress(run_id), *ledgers)
+        self.r.delete(keys.stage_progress(run_id), keys.crashes(run_id), *ledgers)

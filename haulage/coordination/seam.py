@@ -79,6 +79,41 @@ class Coordination(Protocol):
         is counted in the same atomic step, whoever held the lock.
         """
 
+    def lock_holder(self, run_id: str, step_key: str) -> str | None:
+        """The token that holds the lock of (run, step) now, or None when no one holds it."""
+
+    def holder_alive(self, token: str) -> bool:
+        """True while the holder ``token`` is alive: its liveness has not lapsed (nor been ended by a release)."""
+
+    # --- crashes and the deliveries live workers hold ---------------------
+    def count_crash(self, run_id: str, step_key: str) -> int:
+        """Count one death of a worker running (run, step); return how many the step has had (atomic)."""
+
+    def hold_deliveries(self, tags: Sequence[str], liveness_seconds: float) -> None:
+        """Mark broker delivery ``tags`` as held by a live worker for the next ``liveness_seconds``."""
+
+    def held_deliveries(self, tags: Sequence[str]) -> list[bool]:
+        """For each of ``tags`` (in order), whether a live worker marked it held and the mark has not lapsed."""
+
+    def take_turn(self, name: str, token: str, seconds: float) -> bool:
+        """True for one caller only until ``seconds`` pass: whose turn it is at a periodic job named ``name``."""
+
+    # --- settings agreement ----------------------------------------------
+    def announce_worker(self, hostname: str, settings: dict[str, Any], ttl_seconds: float) -> None:
+        """Publish ``settings`` (JSON) as worker ``hostname``'s for the next ``ttl_seconds``; drop lapsed ones."""
+
+    def withdraw_worker(self, hostname: str) -> None:
+        """Forget worker ``hostname``'s announcement (it is shutting down)."""
+
+    def worker_announcements(self) -> dict[str, dict[str, Any]]:
+        """The settings of every worker whose announcement has not lapsed, by hostname."""
+
+    def report_lost_run(self, run_id: str, notice: dict[str, Any], ttl_seconds: float) -> None:
+        """Record ``notice``: a worker got a step of ``run_id`` but cannot find the run in its store."""
+
+    def lost_run(self, run_id: str) -> dict[str, Any] | None:
+        """The notice :meth:`report_lost_run` left for ``run_id``, or None."""
+
     # --- stage counters -------------------------------------------------
     def count_stage(self, run_id: str, stage: int) -> int:
         """Count one finished unit of plan stage ``stage``; return the stage's new count (atomic)."""

@@ -1,16 +1,20 @@
-"""The development stack: a Redis server and workers per queue, supervised.
+"""The development stack: a Redis server, a worker per queue and the services around them, supervised.
 
 `haulage dev` runs it in the foreground; `haulage demo` runs it around one
 example run. Children run in their own process groups so that stopping the
-stack stops everything it started, and a child that dies unexpectedly is
-restarted.
+stack stops everything it started; a child that dies is restarted with a
+capped backoff (:mod:`haulage.devtools.supervisor`). Everything is launched
+before anything is waited for: the children's start-up (mostly Python
+imports) overlaps, which keeps the stack ready in a few seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import importlib.util
 import os
+import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -18,49 +22,35 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from haulage.devtools.firestore_emulator import DEFAULT_PROJECT, EmulatorMissing, start_emulator
+from haulage.devtools.firestore_emulator import DEFAULT_PROJECT, EmulatorMissing, find_emulator, start_emulator
 from haulage.devtools.redis_server import find_redis_server, free_port, wait_for_port
+from haulage.devtools.reload import Watcher
+from haulage.devtools.supervisor import Child, tend
 from haulage.errors import ConfigError
-from haulage.settings import reset_settings
+from haulage.settings import env_str, reset_settings
 
-log = logging.getLogger("haulage.dev")
-
-#: a child restarted more often than this within a minute is given up on
-MAX_RESTARTS_PER_MINUTE = 5
 #: seconds a child gets to stop after SIGTERM before SIGKILL (a warm shutdown lets steps finish)
 STOP_GRACE = 20.0
+#: seconds between looks for changed files under --reload
+RELOAD_POLL = 1.0
+#: what a client shell needs to agree with the stack's workers; written to the `env` file when set
+CLIENT_ENV = ("HAULAGE_REDIS_URL", "HAULAGE_BROKER_URL", "HAULAGE_RESULT_BACKEND", "HAULAGE_MODULES",
+              "HAULAGE_KEY_PREFIX", "HAULAGE_STORE", "FIRESTORE_EMULATOR_HOST", "HAULAGE_FIRESTORE_PROJECT",
+              "HAULAGE_FIRESTORE_DATABASE", "HAULAGE_FIRESTORE_COLLECTION", "HAULAGE_DISPATCH_MODE",
+              "HAULAGE_CLOUDRUN_ENDPOINT", "HAULAGE_CLOUDRUN_JOB", "HAULAGE_CLOUDRUN_POLL_INTERVAL")  # fmt: skip
 
 
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    log_path: Path
-    env: dict[str, str]
-    where: str = ""
-    ready: Callable[[], None] | None = None
-    proc: subprocess.Popen[bytes] | None = None
-    restarts: list[float] = field(default_factory=list)
+@dataclass(frozen=True)
+class Parts:
+    """Which optional parts of the stack run (Redis, the store and the workers always do)."""
 
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-        if self.ready is not None:
-            self.ready()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            assert self.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
+    beat: bool = True
+    flower: bool = True
+    api: bool = True
+    cloudrun: bool = True
 
 
 def _port_or_free(preferred: int) -> int:
@@ -76,8 +66,8 @@ class Stack:
     """Start, supervise and stop the processes of the dev stack."""
 
     def __init__(self, dev_dir: Path, *, modules: str, queues: tuple[str, ...] = ("short", "long", "dispatch"),
-                 out: Callable[[str], None] = print, store: str = "auto",
-                 dispatch: str = "cloudrun") -> None:  # fmt: skip
+                 out: Callable[[str], None] = print, store: str | None = None, dispatch: str = "cloudrun",
+                 parts: Parts = Parts(), reload: bool = False) -> None:  # fmt: skip
         self.dev_dir = dev_dir
         self.modules = modules
         self.queues = queues
@@ -88,8 +78,12 @@ class Stack:
         self.flower_url = ""
         self.page_url = ""
         self.store = store
-        self.dispatch = dispatch
+        self.parts = parts if dispatch == "cloudrun" else Parts(parts.beat, parts.flower, parts.api, cloudrun=False)
+        self.reload = reload
         self._stop_emulator: Callable[[], None] | None = None
+        self._emulator: threading.Thread | None = None
+        self._emulator_error: BaseException | None = None
+        self._lock = threading.Lock()  # supervise() never starts a child while stop() runs
 
     def env(self) -> dict[str, str]:
         # Children import the user's modules from the current directory, as the CLI does.
@@ -98,28 +92,21 @@ class Stack:
                 "PYTHONPATH": path}  # fmt: skip
 
     def start(self) -> None:
+        """Start Redis, the store, the Cloud Run server and the workers; return once the workers answer.
+
+        What runs needs: the services around it follow with :meth:`start_services`.
+        """
         logs = self.dev_dir / "logs"
-        if not self.redis_url:
-            port = int(os.environ.get("HAULAGE_DEV_REDIS_PORT") or free_port())
-            data = self.dev_dir / "redis"
-            data.mkdir(parents=True, exist_ok=True)
-            argv = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data.resolve()),
-                    "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]  # fmt: skip
-            self.redis_url = f"redis://127.0.0.1:{port}/0"
-            redis_child = Child("redis", argv, logs / "redis.log", dict(os.environ),
-                                where=f"{self.redis_url} (append-only file in {data})")  # fmt: skip
-            redis_child.ready = lambda: self._wait_port(redis_child, port)
-            self._launch(redis_child)
-        else:
-            self.out(f"  redis      {self.redis_url} (HAULAGE_REDIS_URL; not started here)")
+        logs.mkdir(parents=True, exist_ok=True)
+        self._start_redis(logs)
         os.environ["HAULAGE_REDIS_URL"] = self.redis_url
         os.environ["HAULAGE_MODULES"] = self.modules
         self._start_store(logs)
-        if self.dispatch == "cloudrun":
+        if self.parts.cloudrun:
             self._start_cloudrun(logs)
         else:
             os.environ["HAULAGE_DISPATCH_MODE"] = "local"
-            self.out("  dispatch       local queues only")
+            self.out("  dispatch       local queues only (no Cloud Run server)")
         # Settings read before this point (e.g. for HAULAGE_DEV_DIR) must not keep the old URL.
         # The Redis client module is imported only now: redis-py takes ~0.15 s to import, which
         # every `haulage` command, --help included, would otherwise pay through haulage.cli.dev.
@@ -130,21 +117,47 @@ class Stack:
         for queue in self.queues:
             hostname = f"{queue}-{os.getpid()}@127.0.0.1"
             argv = [sys.executable, "-m", "haulage.cli", "worker", "--queues", queue, "--hostname", hostname,
-                    "--concurrency", "2" if queue == "short" else "1"]  # fmt: skip
-            child = Child(f"worker:{queue}", argv, logs / f"worker-{queue}.log", self.env(),
-                          where=f"queue {queue!r}, node {hostname}")  # fmt: skip
-            self._launch(child)
-        self._wait_workers()
-        self._launch(Child("beat", [sys.executable, "-m", "haulage.cli", "beat"], logs / "beat.log", self.env(),
-                           where="RedBeat scheduler (Redis lock)"))  # fmt: skip
-        flower_port = int(os.environ.get("HAULAGE_DEV_FLOWER_PORT") or _port_or_free(5555))
-        flower_env = {**self.env(), "FLOWER_UNAUTHENTICATED_API": "true"}  # loopback only, dev only
-        self.flower_url = f"http://127.0.0.1:{flower_port}"
-        flower = Child("flower", [sys.executable, "-m", "haulage.cli", "flower", "--port", str(flower_port)],
-                       logs / "flower.log", flower_env, where=self.flower_url)  # fmt: skip
-        flower.ready = lambda: self._wait_port(flower, flower_port)
-        self._launch(flower)
-        self._start_api(logs)
+                    "--concurrency", "2" if queue == "short" else "1", "--without-mingle"]  # fmt: skip
+            self._launch(Child(f"worker:{queue}", argv, logs / f"worker-{queue}.log", self.env(),
+                               where=f"queue {queue!r}, node {hostname}", reloads=True))  # fmt: skip
+        self._wait_ready()
+
+    def start_services(self) -> None:
+        """Start beat, Flower and the HTTP service (as asked) and wait until they answer.
+
+        They start once the workers answer rather than beside them: on two cores every
+        process's start-up is mostly CPU (Python imports), and the workers come first.
+        """
+        logs = self.dev_dir / "logs"
+        started = len(self.children)
+        if self.parts.beat:
+            self._launch(Child("beat", [sys.executable, "-m", "haulage.cli", "beat"], logs / "beat.log", self.env(),
+                               where="RedBeat scheduler (Redis lock)", reloads=True))  # fmt: skip
+        if self.parts.flower:
+            port = int(os.environ.get("HAULAGE_DEV_FLOWER_PORT") or _port_or_free(5555))
+            self.flower_url = f"http://127.0.0.1:{port}"
+            flower_env = {**self.env(), "FLOWER_UNAUTHENTICATED_API": "true"}  # loopback only, dev only
+            self._launch(Child("flower", [sys.executable, "-m", "haulage.cli", "flower", "--port", str(port)],
+                               logs / "flower.log", flower_env, where=self.flower_url, port=port))  # fmt: skip
+        if self.parts.api:
+            self._start_api(logs)
+        for child in self.children[started:]:
+            self._wait_port(child)
+
+    def _start_redis(self, logs: Path) -> None:
+        if self.redis_url:
+            self.out(f"  redis          {self.redis_url} (HAULAGE_REDIS_URL; not started here)")
+            return
+        port = int(os.environ.get("HAULAGE_DEV_REDIS_PORT") or free_port())
+        data = self.dev_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [find_redis_server(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data.resolve()),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]  # fmt: skip
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        child = Child("redis", argv, logs / "redis.log", dict(os.environ), port=port,
+                      where=f"{self.redis_url} (append-only file in {data})")  # fmt: skip
+        self._launch(child)
+        self._wait_port(child)  # at once: this process pings the workers through it
 
     def _start_cloudrun(self, logs: Path) -> None:
         """The local Cloud Run Jobs server; long steps run as its executions, as they would on Cloud Run."""
@@ -152,55 +165,63 @@ class Stack:
         job = "projects/haulage-dev/locations/local/jobs/haulage-step"
         argv = [sys.executable, "-m", "haulage.devtools.local_cloudrun", "--port", str(port), "--job", "haulage-step",
                 "--log-dir", str(logs / "cloudrun")]  # fmt: skip
-        child = Child("cloudrun", argv, logs / "cloudrun.log", self.env(),
-                      where=f"local Cloud Run Jobs server at 127.0.0.1:{port}, job {job}")  # fmt: skip
-        child.ready = lambda: self._wait_port(child, port)
-        self._launch(child)
+        self._launch(Child("cloudrun", argv, logs / "cloudrun.log", self.env(), port=port,
+                           where=f"local Cloud Run Jobs server at 127.0.0.1:{port}, job {job}"))  # fmt: skip
         poll = os.environ.get("HAULAGE_CLOUDRUN_POLL_INTERVAL", "0.5")
         os.environ.update({"HAULAGE_DISPATCH_MODE": "cloudrun", "HAULAGE_CLOUDRUN_ENDPOINT": f"127.0.0.1:{port}",
                            "HAULAGE_CLOUDRUN_JOB": job, "HAULAGE_CLOUDRUN_POLL_INTERVAL": poll})  # fmt: skip
 
     def _start_api(self, logs: Path) -> None:
         """The HTTP service in development mode, with a fresh token; the page address signs in with it."""
-        from haulage.api.server import dev_environment, page_url  # haulage[api]: fastapi/uvicorn are optional
-
+        if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+            self.out("  api            not started: needs the haulage[api] extra (pip install 'haulage[api]')")
+            return
         port = int(os.environ.get("HAULAGE_DEV_API_PORT") or _port_or_free(8000))
-        api_env = {**self.env(), **dev_environment()}
-        self.page_url = page_url("127.0.0.1", port, api_env["HAULAGE_API_DEV_TOKEN"])
+        # As haulage.api.server.dev_environment() and page_url(), without importing FastAPI here (~1.3 s
+        # of CPU in this process, on the path to "ready", while every child is importing too).
+        token = secrets.token_urlsafe(24)
+        api_env = {**self.env(), "HAULAGE_API_AUTH": "dev", "HAULAGE_API_DEV_TOKEN": token}
+        self.page_url = f"http://127.0.0.1:{port}/#token={token}"  # url-safe already
         argv = [sys.executable, "-m", "haulage.cli", "api", "--port", str(port)]
-        child = Child("api", argv, logs / "api.log", api_env, where=f"http://127.0.0.1:{port} (OpenAPI at /docs)")
-        child.ready = lambda: self._wait_port(child, port)
-        self._launch(child)
-
-    def write_client_env(self) -> Path:
-        """A file of `export` lines that points a shell's `haulage` commands at this stack."""
-        names = ("HAULAGE_REDIS_URL", "HAULAGE_MODULES", "HAULAGE_STORE", "FIRESTORE_EMULATOR_HOST",
-                 "HAULAGE_FIRESTORE_PROJECT", "HAULAGE_DISPATCH_MODE", "HAULAGE_CLOUDRUN_ENDPOINT",
-                 "HAULAGE_CLOUDRUN_JOB", "HAULAGE_CLOUDRUN_POLL_INTERVAL")  # fmt: skip
-        path = self.dev_dir / "env"
-        path.write_text("".join(f"export {n}={os.environ[n]}\n" for n in names if os.environ.get(n)))
-        return path
+        self._launch(Child("api", argv, logs / "api.log", api_env, port=port, reloads=True,
+                           where=f"http://127.0.0.1:{port} (OpenAPI at /docs)"))  # fmt: skip
 
     def _start_store(self, logs: Path) -> None:
-        """The Firestore emulator when installed (or asked for), else the Redis store; say which."""
-        if self.store in ("auto", "firestore"):
+        """Redis unless the Firestore store is asked for (--store, or HAULAGE_STORE); say which and why."""
+        store, why = self.store, "--store"
+        if store is None:
+            store, why = (env_str("HAULAGE_STORE"), "HAULAGE_STORE") if env_str("HAULAGE_STORE") else ("redis", "")
+        if store == "auto":
             try:
-                port = int(os.environ.get("HAULAGE_DEV_FIRESTORE_PORT") or 0) or None
-                host, self._stop_emulator = start_emulator(DEFAULT_PROJECT, log_path=logs / "firestore.log", port=port)
+                find_emulator()
+                store, why = "firestore", "--store auto, and the Firestore emulator is installed"
             except EmulatorMissing as exc:
-                if self.store == "firestore":
-                    raise ConfigError(f"--store firestore: {exc}") from None
-                self.out(f"  store          redis (no Firestore emulator: {exc})")
-            else:
-                os.environ.update({"HAULAGE_STORE": "firestore", "FIRESTORE_EMULATOR_HOST": host,
-                                   "HAULAGE_FIRESTORE_PROJECT": os.environ.get("HAULAGE_FIRESTORE_PROJECT",
-                                                                               DEFAULT_PROJECT)})  # fmt: skip
-                self.out(f"  store          firestore, emulator at {host} (project "
-                         f"{os.environ['HAULAGE_FIRESTORE_PROJECT']})  log {logs / 'firestore.log'}")  # fmt: skip
-                return
-        else:
-            self.out("  store          redis")
-        os.environ["HAULAGE_STORE"] = "redis"
+                store, why = "redis", f"--store auto, and no Firestore emulator: {exc}"
+        os.environ["HAULAGE_STORE"] = store
+        if store != "firestore":
+            self.out(f"  store          redis ({why or 'the default; --store firestore uses the Firestore emulator'})")
+            return
+        os.environ.setdefault("HAULAGE_FIRESTORE_PROJECT", DEFAULT_PROJECT)
+        if os.environ.get("FIRESTORE_EMULATOR_HOST"):
+            self.out(f"  store          firestore ({why}), emulator at {os.environ['FIRESTORE_EMULATOR_HOST']} "
+                     "(FIRESTORE_EMULATOR_HOST; not started here)")  # fmt: skip
+            return
+        find_emulator_or_fail(why)
+        port = int(os.environ.get("HAULAGE_DEV_FIRESTORE_PORT") or free_port())
+        os.environ["FIRESTORE_EMULATOR_HOST"] = f"127.0.0.1:{port}"
+        self.out(f"  store          firestore ({why}), emulator at 127.0.0.1:{port} (project "
+                 f"{os.environ['HAULAGE_FIRESTORE_PROJECT']})  log {logs / 'firestore.log'}")  # fmt: skip
+
+        def run() -> None:
+            try:
+                _, self._stop_emulator = start_emulator(os.environ["HAULAGE_FIRESTORE_PROJECT"],
+                                                        log_path=logs / "firestore.log", port=port)  # fmt: skip
+            except BaseException as exc:  # handed to _wait_ready, in the main thread
+                self._emulator_error = exc
+
+        # Java takes a second or more to answer: it starts while the workers import.
+        self._emulator = threading.Thread(target=run, name="firestore-emulator", daemon=True)
+        self._emulator.start()
 
     def _launch(self, child: Child) -> None:
         child.start()
@@ -210,21 +231,29 @@ class Stack:
         )
 
     @staticmethod
-    def _wait_port(child: Child, port: int) -> None:
+    def _wait_port(child: Child, timeout: float = 30) -> None:
+        if child.port is None:
+            return
         try:
-            wait_for_port(port, timeout=15, proc=child.proc)
+            wait_for_port(child.port, timeout=timeout, proc=child.proc)
         except ConfigError as exc:
             raise ConfigError(f"{child.name} did not start: {exc}; see {child.log_path}") from None
 
-    def _wait_workers(self, timeout: float = 60) -> None:
+    def _wait_ready(self, timeout: float = 60) -> None:
         # Built only now: the Celery app reads the broker URL this stack has just put in the environment.
         from haulage.tasks.app import app
 
+        for child in self.children:
+            self._wait_port(child)
+        if self._emulator is not None:
+            self._emulator.join()
+            if self._emulator_error is not None:
+                raise ConfigError(f"--store firestore: {self._emulator_error}") from None
         names = [c.where.split("node ")[1] for c in self.children if c.name.startswith("worker:")]
         deadline = time.monotonic() + timeout
         pending = set(names)
         while pending and time.monotonic() < deadline:
-            for reply in app.control.ping(destination=list(pending), timeout=0.5) or []:
+            for reply in app.control.ping(destination=list(pending), timeout=0.25) or []:
                 pending -= set(reply)
             for c in self.children:
                 if not c.alive():
@@ -232,43 +261,69 @@ class Stack:
         if pending:
             raise ConfigError(f"workers did not answer within {timeout:.0f}s: {', '.join(sorted(pending))}")
 
+    def write_client_env(self) -> Path:
+        """A file of `export` lines that points a shell's `haulage` commands at this stack.
+
+        The CLI reads it by itself from the current folder when HAULAGE_REDIS_URL is unset
+        (:mod:`haulage.devtools.client_env`); the first line names this process, so a file
+        left by a stack that was killed is recognised as stale.
+        """
+        path = self.dev_dir / "env"
+        lines = [f"# written by haulage dev, pid {os.getpid()}; removed when it stops\n"]
+        lines += [f"export {n}={shlex.quote(os.environ[n])}\n" for n in CLIENT_ENV if os.environ.get(n)]
+        path.write_text("".join(lines))
+        return path
+
     def supervise(self, interval: float = 0.5) -> None:
-        """Restart children that die unexpectedly, until stop() is called."""
+        """Restart children that die unexpectedly (and, with reload, when the user's files change) until stop()."""
+        watcher = Watcher(self.modules.split(",")) if self.reload else None
+        if watcher is not None:
+            self.out(f"haulage dev: reloading workers when any of {len(watcher.files())} Python file(s) change")
+        next_look = time.monotonic() + RELOAD_POLL
         while not self.stopping.wait(interval):
-            for child in self.children:
-                if child.alive() or self.stopping.is_set():
-                    continue
-                code = child.proc.returncode if child.proc else None
-                now = time.monotonic()
-                child.restarts = [t for t in child.restarts if now - t < 60] + [now]
-                if len(child.restarts) > MAX_RESTARTS_PER_MINUTE:
-                    self.out(f"  {child.name} keeps dying (exit {code}); giving up on it, see {child.log_path}")
-                    child.proc = None
-                    continue
-                self.out(f"  {child.name} exited with code {code}; restarting")
-                log.warning("%s exited with code %s; restarting", child.name, code)
-                try:
-                    child.start()
-                except ConfigError as exc:
-                    self.out(f"  {child.name} failed to restart: {exc}")
+            with self._lock:
+                if self.stopping.is_set():
+                    return
+                if watcher is not None and time.monotonic() >= next_look:
+                    next_look = time.monotonic() + RELOAD_POLL
+                    changed = watcher.changed()
+                    if changed:
+                        self._reload(changed)
+                for child in self.children:
+                    tend(child, self.out, grace=STOP_GRACE)
+
+    def _reload(self, changed: list[Path]) -> None:
+        shown = ", ".join(str(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p) for p in changed[:3])
+        self.out(f"haulage dev: {shown}{' ...' if len(changed) > 3 else ''} changed; reloading")
+        for child in self.children:
+            if not child.reloads:
+                continue
+            child.deaths, child.told_dying = 0, False
+            if child.alive():
+                child.reload_asked = time.monotonic()
+                child.signal(signal.SIGTERM)  # a warm shutdown: running steps finish first
+            else:
+                child.restart_at = time.monotonic()  # waiting out a backoff: the fix may be in
 
     def stop(self) -> None:
         """Stop every child: SIGTERM (warm shutdown), then SIGKILL after the grace period."""
         self.stopping.set()
-        # Workers first, Redis last, so that workers can acknowledge what they finish.
-        for child in reversed(self.children):
-            if child.name == "redis":
-                continue
-            child.signal(signal.SIGTERM)
-        self._reap([c for c in self.children if c.name != "redis"])
-        with contextlib.suppress(OSError):
-            (self.dev_dir / "env").unlink()
-        for child in self.children:
-            if child.name == "redis":
-                child.signal(signal.SIGTERM)
-        self._reap(self.children)
-        if self._stop_emulator is not None:
-            self._stop_emulator()
+        with self._lock:
+            # Workers first, Redis last, so that workers can acknowledge what they finish.
+            for child in reversed(self.children):
+                if child.name != "redis":
+                    child.signal(signal.SIGTERM)
+            self._reap([c for c in self.children if c.name != "redis"])
+            with contextlib.suppress(OSError):
+                (self.dev_dir / "env").unlink()
+            for child in self.children:
+                if child.name == "redis":
+                    child.signal(signal.SIGTERM)
+            self._reap(self.children)
+            if self._emulator is not None:
+                self._emulator.join(70)
+            if self._stop_emulator is not None:
+                self._stop_emulator()
 
     def _reap(self, children: list[Child]) -> None:
         deadline = time.monotonic() + STOP_GRACE
@@ -280,3 +335,11 @@ class Stack:
             except subprocess.TimeoutExpired:
                 child.signal(signal.SIGKILL)
                 child.proc.wait(10)
+
+
+def find_emulator_or_fail(why: str) -> None:
+    """EmulatorMissing as the ConfigError a user sees, naming what asked for Firestore."""
+    try:
+        find_emulator()
+    except EmulatorMissing as exc:
+        raise ConfigError(f"the Firestore store ({why}) needs the Firestore emulator here: {exc}") from None

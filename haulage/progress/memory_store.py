@@ -313,6 +313,14 @@ class MemoryStore:
             guards[key] = f"pending:{token}"
             return None
 
+    def replace_guard(self, run_id: str, key: str, expected: str, state: str) -> bool:
+        with self._lock:
+            guards = self._guards.setdefault(run_id, {})
+            if guards.get(key) != expected:
+                return False
+            guards[key] = state
+            return True
+
     def finish_guard(self, run_id: str, key: str, token: str, done: bool) -> None:
         with self._lock:
             guards = self._guards.setdefault(run_id, {})

@@ -112,6 +112,12 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then return false end
 return redis.call('HGET', KEYS[1], ARGV[1])
 """
 
+_REPLACE_GUARD = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
 _FINISH_GUARD = """
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[1], ARGV[1], 'done')
@@ -177,6 +183,7 @@ class RedisStore:
         self._start = client.register_script(_START_STEP)
         self._claim = client.register_script(_CLAIM_GUARD)
         self._finish = client.register_script(_FINISH_GUARD)
+        self._replace = client.register_script(_REPLACE_GUARD)
 
     @property
     def _limit(self) -> int:
@@ -372,6 +379,9 @@ class RedisStore:
     def claim_guard(self, run_id: str, key: str, token: str) -> str | None:
         held = self._claim(keys=[keys.guards(run_id)], args=[key, f"pending:{token}"])
         return held.decode() if held else None
+
+    def replace_guard(self, run_id: str, key: str, expected: str, state: str) -> bool:
+        return bool(self._replace(keys=[keys.guards(run_id)], args=[key, expected, state]))
 
     def finish_guard(self, run_id: str, key: str, token: str, done: bool) -> None:
         self._finish(keys=[keys.guards(run_id)], args=[key, f"pending:{token}", "1" if done else "0"])

@@ -95,7 +95,17 @@ class Store(Protocol):
     def claim_guard(self, run_id: str, key: str, token: str) -> str | None:
         """Claim guard ``key`` for ``token``; return None if claimed, else the state already there.
 
-        States: "pending:<token>" while the effect is being performed, "done" after.
+        States: "pending:<token>" while the effect is being performed, "done"
+        after, "unknown" once a claimant died inside the block and the outcome
+        was given up on (``once(key, on_unknown="skip"|"fail")``). One round
+        trip: this is on the path of every guarded effect.
+        """
+
+    def replace_guard(self, run_id: str, key: str, expected: str, state: str) -> bool:
+        """Set guard ``key`` to ``state`` only if it now holds ``expected`` (atomically); True if replaced.
+
+        How a live attempt takes over the claim of a dead one, so that two
+        attempts that both saw the dead claim cannot both take it.
         """
 
     def finish_guard(self, run_id: str, key: str, token: str, done: bool) -> None:

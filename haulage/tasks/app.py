@@ -22,6 +22,8 @@ from haulage.errors import ConfigError
 from haulage.logs import connect_celery
 from haulage.settings import get_settings
 from haulage.tasks import config as defaults
+from haulage.tasks.agreement import connect_agreement
+from haulage.tasks.orphans import OrphanSweep
 
 ENV_PREFIX = "HAULAGE_CELERY_"
 
@@ -98,11 +100,18 @@ def build_app() -> Celery:
     from_env = env_settings(os.environ)
     overrides.update(from_env)
     sources.extend(f"{ENV_PREFIX}{name.upper()}" for name in from_env)
+    for name in ("broker_transport_options", "result_backend_transport_options"):
+        # Added to Haulage's options, not replacing them: dropping global_keyprefix would move the queues.
+        if isinstance(overrides.get(name), dict):
+            overrides[name] = {**getattr(defaults, name), **overrides[name]}
     if overrides:
         celery_app.conf.update(overrides)
     check_settings(celery_app.conf, source=", ".join(sources) or "Haulage's defaults")
+    # Every worker marks the messages it holds and takes turns putting back those of dead workers.
+    celery_app.steps["consumer"].add(OrphanSweep)
     return celery_app
 
 
 app = build_app()
 connect_celery()  # worker and beat log lines carry run id, step key, attempt and backend
+connect_agreement()  # workers announce the settings a run's starter must share (tasks/agreement.py)

@@ -9,15 +9,58 @@ refuses a value that would break a durability guarantee.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kombu import Exchange, Queue
 
-from haulage.settings import get_settings
-from haulage.tasks.queues import QUEUES
+from haulage.settings import Settings, get_settings
+from haulage.tasks.queues import QUEUES, broker_prefix, route_task
 
-_s = get_settings()
 
-broker_url = _s.broker_url
-result_backend = _s.result_backend
+def from_settings(s: Settings) -> dict[str, Any]:
+    """The Celery settings that come from HAULAGE_* variables (re-applied by haulage.testing when they change)."""
+    prefix = broker_prefix(s.key_prefix)
+    return {
+        "broker_url": s.broker_url,
+        "result_backend": s.result_backend,
+        # Redis redelivers an unacknowledged message after the visibility timeout;
+        # retry countdowns are held unacked, so every countdown stays below it
+        # (HAULAGE_MAX_COUNTDOWN is validated against it).
+        # Every key kombu writes (the queues, ``unacked``, ``unacked_index``, ``_kombu.binding.*``,
+        # the event and control channels) and every result key starts with HAULAGE_KEY_PREFIX, so two
+        # Haulage apps, or Haulage and another Celery app, share one Redis without taking each other's
+        # messages. The unacked key names are spelled out for readers of the broker's keys (the orphan
+        # sweep): the key in Redis is ``global_keyprefix`` + the name (see queues.broker_key).
+        "broker_transport_options": {
+            "visibility_timeout": int(s.visibility_timeout),
+            "global_keyprefix": prefix,
+            "unacked_key": "unacked",
+            "unacked_index_key": "unacked_index",
+        },
+        "result_backend_transport_options": {
+            "visibility_timeout": int(s.visibility_timeout),
+            "result_chord_ordered": True,
+            "global_keyprefix": prefix,
+        },
+        "imports": (*_ENGINE_MODULES, *s.modules),
+        "redbeat_redis_url": s.redis_url,
+        "redbeat_key_prefix": f"{s.key_prefix}:redbeat",
+    }
+
+
+_ENGINE_MODULES = (
+    "haulage.workflows.fanout",
+    "haulage.workflows.finish",
+    "haulage.dispatch.driver",
+    "haulage.workflows.schedules",
+    "haulage.workflows.reaper",
+    "haulage.workflows.completion",
+    "haulage.workflows.retention",
+)
+
+_from_env = from_settings(get_settings())
+broker_url = _from_env["broker_url"]
+result_backend = _from_env["result_backend"]
 
 # JSON only: pickle on the wire is arbitrary code execution.
 task_serializer = "json"
@@ -38,16 +81,14 @@ task_queues = tuple(Queue(name, Exchange(name, type="direct"), routing_key=name)
 task_default_queue = "short"
 task_default_exchange = "short"
 task_default_routing_key = "short"
+task_routes = (route_task,)  # each step's queue (Celery 6 drops the per-task ``queue`` attribute)
 
-# Redis redelivers an unacknowledged message after the visibility timeout;
-# retry countdowns are held unacked, so every countdown stays below it
-# (HAULAGE_MAX_COUNTDOWN is validated against it).
-broker_transport_options = {"visibility_timeout": int(_s.visibility_timeout)}
-result_backend_transport_options = {
-    "visibility_timeout": int(_s.visibility_timeout),
-    "result_chord_ordered": True,
-}
+broker_transport_options = _from_env["broker_transport_options"]
+result_backend_transport_options = _from_env["result_backend_transport_options"]
 result_expires = 24 * 3600
+# Results are written with SET EX, not the SETEX redis-py 8 deprecates (see tasks/result_backend.py).
+override_backends = {"redis": "haulage.tasks.result_backend:RedisBackend",
+                     "rediss": "haulage.tasks.result_backend:RedisBackend"}  # fmt: skip
 
 # Operators follow tasks in Flower. No "task-sent" events: they carry the real task name,
 # and arriving late they would overwrite the readable "workflow.step" (shadow) name.
@@ -55,20 +96,11 @@ worker_send_task_events = True
 task_send_sent_event = False
 task_track_started = True
 
-imports = (
-    "haulage.workflows.fanout",
-    "haulage.workflows.finish",
-    "haulage.dispatch.driver",
-    "haulage.workflows.schedules",
-    "haulage.workflows.reaper",
-    "haulage.workflows.completion",
-    "haulage.workflows.retention",
-    *_s.modules,
-)
+imports = _from_env["imports"]
 
 # Beat keeps its schedule in Redis, behind a lock: two beat processes never fire the same entry.
 beat_scheduler = "redbeat.RedBeatScheduler"
-redbeat_redis_url = _s.redis_url
-redbeat_key_prefix = f"{_s.key_prefix}:redbeat"
+redbeat_redis_url = _from_env["redbeat_redis_url"]
+redbeat_key_prefix = _from_env["redbeat_key_prefix"]
 redbeat_lock_timeout = 30  # seconds a dead beat's lock blocks a standby one
 beat_max_loop_interval = 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from contextlib import AbstractContextManager
 
 from haulage.coordination import get_coordination
@@ -12,6 +13,7 @@ from haulage.progress.models import Event, RunStatus, RunUpdate, cost_increments
 from haulage.progress.store import Store
 from haulage.tasks import guards
 from haulage.tasks.flow import Flow
+from haulage.tasks.guards import OnUnknown
 from haulage.tasks.ledger import Ledger
 
 log = logging.getLogger("haulage.step")
@@ -29,7 +31,7 @@ class StepContext:
     ...     ctx.add_cost("model-x", usd=0.002, input_tokens=900, output_tokens=120)
     ...     with ctx.once("meter-page") as first:
     ...         if first:
-    ...             meter(project_id, page)
+    ...             meter(project_id, page, idempotency_key=ctx.guard_id("meter-page"))
     """
 
     def __init__(self, store: Store, *, run_id: str, step_key: str, step_name: str, attempt: int,
@@ -43,6 +45,7 @@ class StepContext:
         self._flow = flow
         self._cancel_checked = 0.0
         self._cancelled = False
+        self._lock_token: str | None = None
         self.log = logging.LoggerAdapter(
             log, {"run_id": run_id, "step_key": step_key, "attempt": attempt, "backend": backend}
         )
@@ -96,18 +99,41 @@ class StepContext:
         if self.cancelled:
             raise Cancelled(f"run {self.run_id} was cancelled")
 
-    def once(self, key: str) -> AbstractContextManager[bool]:
-        """Guard a side effect so it happens at most once per run and step.
+    def once(self, key: str, *, on_unknown: OnUnknown = "redo") -> AbstractContextManager[bool]:
+        """Guard a side effect so it happens once per run and step.
 
-        Yields True to the first attempt that gets here, False to every later
-        attempt, retry, redelivery or resume. The guard is claimed before the
-        effect and marked done after it; if the block raises, the claim is
-        released so a retry may perform the effect. If the process dies inside
-        the block, the effect's outcome is unknown and it is not performed
-        again (at most once); make the effect idempotent with ``guard_id`` to
-        close that window.
+        Yields True to the attempt that must perform it, False to every later
+        attempt, retry, redelivery or resume once it is done. The guard is
+        claimed before the effect and marked done after it; if the block
+        raises, the claim is released so a retry may perform the effect.
+
+        If the process dies inside the block (SIGKILL, out of memory, a lost
+        machine), no one knows whether the effect happened. The next attempt
+        finds the claim, sees that its holder is dead, writes a
+        ``guard-unknown`` event into the run's history, and acts on ``on_unknown``:
+
+        - ``"redo"`` (default): performs the effect again (at least once): pass
+          ``ctx.guard_id(key)`` as the idempotency key of the system you call,
+          so that it drops the repeat;
+        - ``"skip"``: does not perform it again (at most once; the effect may be lost);
+        - ``"fail"``: fails the step with :class:`~haulage.errors.EffectOutcomeUnknown`, without retrying.
+
+        >>> with ctx.once("charge", on_unknown="redo") as first:
+        ...     if first:
+        ...         payments.charge(order, idempotency_key=ctx.guard_id("charge"))
         """
-        return guards.once(self._store, self.run_id, self.step_key, key, self.log)
+        return guards.once(self._store, get_coordination(), self.run_id, self.step_key, key, holder=self._holder(),
+                           log=self.log, on_unknown=on_unknown)  # fmt: skip
+
+    def _holder(self) -> str:
+        """This attempt's step-lock token: a guard claimed under it is alive exactly while the holder is."""
+        if self._lock_token is None:
+            # Read once per attempt, and only by steps that guard an effect. The
+            # lock is taken before the step body runs, so its holder is this attempt.
+            # Without a lock (a context made outside the durable wrapper) a
+            # fresh token has no liveness: a later attempt treats the claim as dead.
+            self._lock_token = get_coordination().lock_holder(self.run_id, self.step_key) or uuid.uuid4().hex
+        return self._lock_token
 
     def ledger(self, name: str) -> Ledger:
         """The processed-item ledger ``name`` of this step: ``done(id)``, ``mark(id)``, ``pending(items, key=)``."""

@@ -4,6 +4,7 @@ Every attempt at a step runs through :class:`Attempt`, in this order:
 1. a run that is terminal is never re-run: the delivery is acknowledged and does nothing;
 2. a checkpoint for (run_id, step_key) is returned at once (replay), after a name check;
 3. the step lock is taken (fail closed); a delivery that finds it held comes back later;
+   one that takes it over from a holder that died re-runs that attempt (a crash is not a failure);
 4. the step runs; its result is checked for JSON and written as a create-if-absent checkpoint;
 5. failures retry with backoff (the step QUEUED meanwhile); the last attempt records the failure.
 Values pass between steps through the store; messages carry references only.
@@ -40,7 +41,15 @@ from haulage.tasks.ending import fail_run, policy_blocks
 from haulage.tasks.flow import Flow, is_failure, ok_ref, skipped_ref, stage_percent
 from haulage.tasks.heartbeat import Heartbeat
 from haulage.tasks.lock import StepLock
-from haulage.tasks.records import mark_processing, record_failure, record_retry, report_stage_progress
+from haulage.tasks.records import (
+    RESULT_REFUSED,
+    mark_processing,
+    not_run,
+    record_failure,
+    record_retry,
+    report_stage_progress,
+    write_result,
+)
 from haulage.tasks.results import Results
 from haulage.tasks.retry import retryable
 
@@ -75,7 +84,7 @@ def prepare(store: Store, step: Step, args: tuple[Any, ...], *, run_id: str, key
         return Finished(prev)  # an earlier step of this fan-out item failed: carry its failure to the fan-in
     status, cps = store.load_step_state(run_id, [key, *input_keys(flow, prev)])
     if status is None or status.terminal:
-        log.info("run %s is %s; step %s not run", run_id, status.value if status else "gone", key)
+        not_run(run_id, key, status)  # a run missing from the store is an ERROR with its likely cause
         return Finished(skipped_ref(key, item, status.value if status else "missing"), status)
     own = cps.get(key)
     if own is not None:
@@ -124,27 +133,33 @@ class Attempt:
         raise NotImplementedError
 
     # --- the core -------------------------------------------------------
-    def previous_attempt_died(self, store: Store) -> Any:
-        """After a lock takeover: count the dead holder's attempt against the retries.
+    def previous_attempt_died(self, store: Store, before: StepRecord | None) -> Any:
+        """After a lock takeover: re-run the dead holder's attempt, within the crash budget.
 
-        A killed worker (SIGKILL, OOM, a lost machine) ends an
-        attempt without an exception anyone could catch; its step record still
-        says RUNNING. Returns the failure
-        reference when that was the last attempt allowed, else None and this
-        delivery runs as the next attempt.
+        A killed worker (SIGKILL, OOM, a lost machine) ends an attempt without
+        an exception anyone could catch; ``before``, the step record as the
+        dead holder left it, still says RUNNING at this attempt. That is not the
+        step failing, so it does not use up the step's ``retries``: the same
+        attempt runs again. Deaths have a budget of their own
+        (HAULAGE_CRASH_RETRIES re-runs), so that a step that kills its worker
+        every time fails instead of looping. Returns the failure reference
+        when the budget is spent, else None and this delivery runs the attempt.
+        A hard timeout is not a death here: its next attempt comes with a
+        higher number (see ``haulage.tasks.timeouts``) and counts against ``retries``.
         """
-        prev = store.get_step(self.run_id, self.key)
-        if prev is None or prev.status is not StepStatus.RUNNING or prev.attempt < self.attempt:
+        if before is None or before.status is not StepStatus.RUNNING or before.attempt < self.attempt:
             return None
-        error_type, message = "WorkerLost", "the process running the step died"
-        if self.step.policy.exhausted(prev.attempt):
+        deaths = get_coordination().count_crash(self.run_id, self.key)
+        budget = get_settings().crash_retries
+        if deaths > budget:
             self.counted = self.flow["stage"]
-            return record_failure(store, self.run_id, self.step, self.key, prev.attempt, error_type, message,
+            message = (f"the worker running the step died {deaths} times "
+                       f"(HAULAGE_CRASH_RETRIES={budget} re-runs after a crash allowed)")  # fmt: skip
+            return record_failure(store, self.run_id, self.step, self.key, self.attempt, "WorkerLost", message,
                                   self.params, self.flow, backend=self.backend, note=self.note)  # fmt: skip
-        self.attempt = prev.attempt + 1
         store.update_run(self.run_id, RunUpdate(events=[Event(
-            now(), "retry", f"{self.step.name} attempt {prev.attempt} ended: {error_type}: {message}; "
-            f"running attempt {self.attempt}", self.key)]))  # fmt: skip
+            now(), "crash", f"{self.step.name} attempt {self.attempt} was cut short: the worker running it died "
+            f"(crash {deaths} of {budget} allowed); running it again", self.key)]))  # fmt: skip
         return None
 
     def record(self, status: StepStatus, **fields: Any) -> StepRecord:
@@ -163,13 +178,15 @@ class Attempt:
         if not self.acquire(lock):
             return ok_ref(key, item)
         try:
+            # Read before this attempt's own record replaces it: what the holder we took over from left.
+            before = store.get_step(run_id, key) if lock.stolen else None
             mark_processing(store, run_id, flow)
             if store.start_step(run_id, self.record(StepStatus.RUNNING, task_id=self.task_id),
                                 RunUpdate(set={"heartbeat": now()})) is not None:  # fmt: skip
                 return ok_ref(key, item)  # finished by another delivery while we waited for the lock
             if lock.stolen:
                 log.warning("step %s of run %s: took the lock over from a holder that died", key, run_id)
-                dead = self.previous_attempt_died(store)
+                dead = self.previous_attempt_died(store, before)
                 if dead is not None:
                     return dead
             last_error = flow.get("last_error")
@@ -201,7 +218,10 @@ class Attempt:
             if item is None:
                 update.maximum["percent"] = stage_percent(flow, flow["units"])
                 update.events.append(Event(now(), "step", f"{step.name} complete", key))
-            stored = store.complete_step(run_id, checkpoint, done, update)
+            try:
+                stored = write_result(store, step, run_id, checkpoint, done, update)
+            except RESULT_REFUSED as exc:  # the store refused the result: the step's failure path, not a stall
+                return self.on_error(store, exc)
             if stored is not checkpoint:
                 check_name(stored, step.name, key)
             elif item is not None:

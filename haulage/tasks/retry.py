@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from haulage.errors import NondeterminismError, PlanError, StepResultNotSerializable
+from haulage.errors import EffectOutcomeUnknown, NondeterminismError, PlanError, StepResultNotSerializable
 from haulage.settings import get_settings
 
 #: programming errors: retrying them cannot help
@@ -17,6 +17,7 @@ NEVER_RETRY: tuple[type[BaseException], ...] = (
     NondeterminismError,
     PlanError,
     TypeError,
+    EffectOutcomeUnknown,  # the next attempt would find the same dead claim
 )
 
 

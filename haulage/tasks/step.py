@@ -14,7 +14,7 @@ from haulage.errors import ConfigError, UnknownStep
 from haulage.tasks.app import app
 from haulage.tasks.definition import DISPATCH, RUNTIMES, Step
 from haulage.tasks.durable import execute_step
-from haulage.tasks.queues import queue_for
+from haulage.tasks.queues import queue_for, route
 from haulage.tasks.retry import RetryPolicy
 
 _steps: dict[str, Step] = {}
@@ -26,13 +26,14 @@ def _register_task(step: Step) -> Any:
 
     run.__name__ = step.func.__name__
     run.__doc__ = step.func.__doc__
+    # Its queue is a route (task_routes), not the task attribute Celery deprecates (a warning per step).
+    route(step.name, queue_for(step))
     return app.task(
         run,
         name=step.name,
         bind=True,
         typing=False,
         max_retries=None,  # attempts are counted by Haulage's policy, not Celery's
-        queue=queue_for(step),
         soft_time_limit=step.soft_timeout,
         # Always a hard limit (HAULAGE_DEFAULT_HARD_TIMEOUT when the step sets none): the step
         # lock's TTL is derived from it, and must outlive any run of the step.

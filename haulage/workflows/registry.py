@@ -51,6 +51,6 @@ def load_modules(modules: Iterable[str] | None = None) -> list[str]:
     for module in wanted:
         try:
             importlib.import_module(module)
-        except ImportError as exc:
+        except (ImportError, SyntaxError) as exc:  # a typo in the user's module is theirs to fix: say where
             raise ModuleLoadError(f"cannot import {module!r} from HAULAGE_MODULES: {exc}") from exc
     return wanted

@@ -7,12 +7,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from haulage.dispatch.driver import cancel_executions
 from haulage.errors import RunCancelled, RunFailed, RunNotFinished, RunNotFound, WaitTimeout
 from haulage.progress import get_store
 from haulage.progress.models import Event, RunRecord, RunStatus, RunUpdate, StepRecord, StepStatus, now
+from haulage.tasks.agreement import lost_run_error
 from haulage.tasks.app import app
-from haulage.tasks.ending import end_run
+from haulage.tasks.ending import end_run, fail_run
 from haulage.tasks.results import Failure, Results
 from haulage.workflows import registry
 from haulage.workflows.finish import RESULT_KEY
@@ -44,9 +47,20 @@ class Run:
 
     def status(self) -> RunRecord:
         """The run document now: status, percent, message, steps, cost, history."""
-        record = get_store().get_run(self.id)
+        store = get_store()
+        record = store.get_run(self.id)
         if record is None:
             raise RunNotFound(f"no run with id {self.id!r}")
+        if record.status is RunStatus.PENDING:
+            # A worker that got its first step but not the run (settings that disagree) left a notice:
+            # the run then fails here with the explanation instead of waiting forever.
+            try:
+                lost = lost_run_error(self.id)
+            except RedisError:  # the notice is a second channel; the run document is the answer
+                lost = None
+            if lost and fail_run(store, self.id, lost):
+                log.error("run %s: %s", self.id, lost)
+                record = store.get_run(self.id) or record
         return record
 
     def steps(self) -> list[StepRecord]:

@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from celery import signals
 from celery.schedules import crontab, schedule
 
 from haulage.tasks.app import app
@@ -51,11 +52,26 @@ def beat_schedule() -> dict[str, dict[str, Any]]:
     return entries
 
 
+@signals.before_task_publish.connect
+def stamp_firing_time(sender: str | None = None, body: Any = None, **_: Any) -> None:
+    """Beat's publish of a scheduled start carries the moment it fired.
+
+    The tick must come from when beat fired, not from when a worker got to the
+    message: behind a backlog a late start would name the next tick (a gap,
+    and the next firing then a duplicate key, so a run lost).
+    """
+    if sender != "haulage.start_scheduled" or not isinstance(body, tuple | list) or len(body) < 2:
+        return
+    kwargs = body[1]
+    if isinstance(kwargs, dict):
+        kwargs.setdefault("fired_at", time.time())
+
+
 @app.task(name="haulage.start_scheduled", typing=False, max_retries=None)
-def start_scheduled(workflow: str, schedule_name: str) -> str:
+def start_scheduled(workflow: str, schedule_name: str, fired_at: float | None = None) -> str:
     """Start one scheduled run; the same tick always names the same run."""
     wf = registry.get(workflow)
-    tick = tick_of(wf.schedule, time.time())
+    tick = tick_of(wf.schedule, fired_at if fired_at is not None else time.time())
     run = wf.start(idempotency_key=f"{schedule_name}:{tick}", tags=["scheduled", schedule_name],
                    created_by="haulage-beat", **(wf.schedule_params or {}))  # fmt: skip
     log.info("scheduled run %s of %s for tick %s", run.id, workflow, tick)

@@ -16,12 +16,17 @@ from haulage.errors import BrokerUnavailable, ConfigError, IdempotencyConflict, 
 from haulage.jsonutil import dumps
 from haulage.progress import get_store
 from haulage.progress.models import Event, RunRecord, StepCounts, now
+from haulage.settings import get_settings
+from haulage.tasks.agreement import check as check_agreement
+from haulage.tasks.app import app
 from haulage.workflows import registry
 from haulage.workflows.params import params_model, validate_params
 from haulage.workflows.plan import Chain, as_plan, compile_plan
 from haulage.workflows.run import Run
 
 ON_FAILURE = ("collect", "fail")
+#: seconds start() waits for a broker (other than HAULAGE_REDIS_URL) to answer before BrokerUnavailable
+BROKER_CHECK_TIMEOUT = 2.0
 #: maps (completion event, results) of a finished run to its follow-up's parameters
 FollowUpParams = Callable[[dict[str, Any], Any], dict[str, Any]]
 # Run ids for idempotency keys are derived, so the same key always names the same run.
@@ -65,7 +70,9 @@ class Workflow:
 
         The same ``idempotency_key`` returns the same run (and raises
         IdempotencyConflict if the parameters differ). Nothing is written or
-        enqueued when the parameters or the plan are invalid, and a run that
+        enqueued when the parameters or the plan are invalid, when the broker
+        is unreachable (BrokerUnavailable, at once), or when the live workers'
+        settings disagree with this process's (ConfigMismatch); a run that
         cannot be enqueued is removed again.
         """
         _check_meta(self.name, created_by, idempotency_key, tags)
@@ -91,6 +98,7 @@ class Workflow:
             steps=StepCounts(total=known_steps),
             history=[Event(now(), "created", f"run of {self.name} created")],
         )
+        preflight(self.name)
         store = get_store()
         try:
             existing = store.create_run(record)
@@ -105,10 +113,34 @@ class Workflow:
             return Run(existing.id)
         try:
             canvas.apply_async()
-        except (OperationalError, RedisError, OSError) as exc:
+        # RuntimeError: Celery's Redis result backend gives up reconnecting with one ("Retry limit exceeded").
+        except (OperationalError, RedisError, OSError, RuntimeError) as exc:
             store.delete_run(run_id)  # nothing half-created: no run without its messages
             raise BrokerUnavailable(f"cannot enqueue run of {self.name}: the broker is unreachable ({exc})") from exc
         return Run(run_id)
+
+
+def preflight(workflow: str) -> None:
+    """Before a run is written: Redis and the broker answer now, and the live workers share our settings.
+
+    A broker that is down otherwise costs Celery's reconnect loop (about 20 s of
+    retries) and, on the Firestore store, a PENDING run nobody will ever run.
+    """
+    settings = get_settings()
+    try:
+        check_agreement(app.tasks.keys())
+    except RedisError as exc:
+        if settings.broker_url == settings.redis_url:
+            raise BrokerUnavailable(f"cannot enqueue run of {workflow}: the broker is unreachable ({exc})") from exc
+        raise StoreUnavailable(
+            f"cannot start a run of {workflow}: Redis (HAULAGE_REDIS_URL) is unreachable ({exc})"
+        ) from exc
+    if settings.broker_url != settings.redis_url:
+        try:
+            with app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=BROKER_CHECK_TIMEOUT)
+        except (OperationalError, OSError) as exc:
+            raise BrokerUnavailable(f"cannot enqueue run of {workflow}: the broker is unreachable ({exc})") from exc
 
 
 def _check_meta(workflow: str, created_by: Any, idempotency_key: Any, tags: Any) -> None:

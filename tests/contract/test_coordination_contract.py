@@ -107,9 +107,63 @@ def test_lock_is_taken_over_only_after_the_holders_liveness_lapses(coordination:
     assert coordination.release_lock(run_id, "0:s", contender).released is True
 
 
+def test_lock_holder_and_its_liveness_are_readable(coordination: Coordination) -> None:
+    """What a once-guard asks: who holds this step's lock, and is a claimant still alive."""
+    run_id, holder = new_id(), new_id()
+    assert coordination.lock_holder(run_id, "0:s") is None
+    assert coordination.holder_alive(holder) is False  # never held anything
+    assert acquire(coordination, run_id, holder) is LockGrant.ACQUIRED
+    assert coordination.lock_holder(run_id, "0:s") == holder
+    assert coordination.lock_holder(run_id, "1:t") is None
+    assert coordination.holder_alive(holder) is True
+    # No beats (killed): the liveness lapses while the lock itself (TTL) is still there.
+    wait_until(lambda: not coordination.holder_alive(holder), timeout=10, interval=0.02, what="liveness lapsed")
+    assert coordination.lock_holder(run_id, "0:s") == holder
+    coordination.refresh_liveness(holder, TTL)
+    assert coordination.holder_alive(holder) is True
+    coordination.release_lock(run_id, "0:s", holder)
+    assert coordination.holder_alive(holder) is False  # a release ends the holder's liveness
+    assert coordination.lock_holder(run_id, "0:s") is None
+
+
 def test_lock_fails_closed_when_the_backend_cannot_answer(unreachable: Coordination) -> None:
     with pytest.raises(LockUnavailable, match="cannot take step lock"):
         acquire(unreachable, new_id(), new_id())
+
+
+# --- crashes and held deliveries ----------------------------------------
+
+
+def test_crashes_are_counted_per_run_and_step(coordination: Coordination) -> None:
+    run_id, other = new_id(), new_id()
+    assert [coordination.count_crash(run_id, "0:s") for _ in range(3)] == [1, 2, 3]
+    assert coordination.count_crash(run_id, "1:t") == 1
+    assert coordination.count_crash(other, "0:s") == 1
+    coordination.purge_run(run_id)
+    assert coordination.count_crash(run_id, "0:s") == 1  # purged with the run
+    assert coordination.count_crash(other, "0:s") == 2
+
+
+def test_held_deliveries_lapse_unless_marked_again(coordination: Coordination) -> None:
+    mine, theirs, never = new_id(), new_id(), new_id()
+    assert coordination.held_deliveries([]) == []
+    coordination.hold_deliveries([], LIVENESS)  # a worker holding nothing marks nothing
+    coordination.hold_deliveries([mine, theirs], LIVENESS)
+    assert coordination.held_deliveries([never, mine, theirs]) == [False, True, True]
+    coordination.hold_deliveries([mine], TTL)  # its worker still holds it: marked again
+    wait_until(lambda: coordination.held_deliveries([theirs]) == [False], timeout=10, interval=0.02,
+               what="the unrefreshed mark lapsed")  # fmt: skip
+    assert coordination.held_deliveries([mine, theirs]) == [True, False]
+
+
+def test_a_turn_goes_to_one_caller_until_it_lapses(coordination: Coordination) -> None:
+    name, first, second = new_id(), new_id(), new_id()
+    assert coordination.take_turn(name, first, LIVENESS) is True
+    assert coordination.take_turn(name, second, LIVENESS) is False
+    assert coordination.take_turn(name, first, LIVENESS) is False  # not even its holder twice
+    assert coordination.take_turn(new_id(), second, LIVENESS) is True  # another job's turn is its own
+    wait_until(lambda: coordination.take_turn(name, second, LIVENESS), timeout=10, interval=0.02,
+               what="the turn to lapse and pass on")  # fmt: skip
 
 
 # --- stage counters ------------------------------------------------------
@@ -182,6 +236,28 @@ def test_handoff_holds_json_only(coordination: Coordination) -> None:
         coordination.put_handoff(new_id(), "0:s", Handoff.PAYLOAD, {"value": object()}, TTL)
     with pytest.raises((TypeError, ValueError)):
         coordination.put_handoff(new_id(), "0:s", Handoff.PAYLOAD, {"value": float("nan")}, TTL)
+
+
+# --- settings agreement --------------------------------------------------
+
+
+def test_worker_announcements_lapse_and_are_withdrawn(coordination: Coordination) -> None:
+    a, b = f"a-{new_id()}@test", f"b-{new_id()}@test"
+    coordination.announce_worker(a, {"HAULAGE_STORE": "redis", "steps": ["x"]}, ttl_seconds=30)
+    coordination.announce_worker(b, {"HAULAGE_STORE": "firestore"}, ttl_seconds=LIVENESS)
+    seen = coordination.worker_announcements()
+    assert seen[a]["HAULAGE_STORE"] == "redis" and seen[a]["steps"] == ["x"] and b in seen
+    wait_until(lambda: b not in coordination.worker_announcements(), timeout=5, what="b's announcement to lapse")
+    coordination.withdraw_worker(a)
+    assert a not in coordination.worker_announcements()
+
+
+def test_lost_run_notice_is_kept_for_its_run_only(coordination: Coordination) -> None:
+    run_id = new_id()
+    assert coordination.lost_run(run_id) is None
+    coordination.report_lost_run(run_id, {"step": "0:s", "worker": "w"}, ttl_seconds=30)
+    assert coordination.lost_run(run_id) == {"step": "0:s", "worker": "w"}
+    assert coordination.lost_run(new_id()) is None
 
 
 # --- completion events ---------------------------------------------------

@@ -205,6 +205,24 @@ def test_guards_claim_finish_release(store: Store) -> None:
     assert store.get_guards(run.id) == {"meter": "done", "email": "pending:t6"}
 
 
+def test_replace_guard_is_compare_and_set(store: Store) -> None:
+    """How a live attempt takes over a dead claimant's claim: only one of two contenders can."""
+    run = new_run()
+    store.create_run(run)
+    assert store.claim_guard(run.id, "meter", "dead") is None
+    assert not store.replace_guard(run.id, "meter", "pending:other", "pending:t2")  # not what it holds
+    assert store.replace_guard(run.id, "meter", "pending:dead", "pending:t2")
+    assert not store.replace_guard(run.id, "meter", "pending:dead", "pending:t3")  # the loser of the race
+    assert store.claim_guard(run.id, "meter", "t4") == "pending:t2"
+    store.finish_guard(run.id, "meter", "t2", done=True)  # the new claimant finishes as if it had claimed it
+    assert store.get_guards(run.id) == {"meter": "done"}
+    assert not store.replace_guard(run.id, "absent", "pending:dead", "unknown")  # nothing to replace
+    store.claim_guard(run.id, "email", "dead")
+    assert store.replace_guard(run.id, "email", "pending:dead", "unknown")
+    assert store.claim_guard(run.id, "email", "t5") == "unknown"
+    assert store.get_guards(run.id) == {"meter": "done", "email": "unknown"}
+
+
 def test_list_runs_filters_and_pages(store: Store) -> None:
     owner = f"owner-{uuid.uuid4().hex[:8]}"
     ids = []

@@ -354,7 +354,7 @@ def test_dispatch_worker_killed_while_polling_reattaches(
     run = registry.get("dt_one").start(step="kill_probe", sleep=9)
     wait_until(lambda: (step := get_store().get_step(run.id, "0:kill_probe")) and step.execution, timeout=30,
                what="the execution recorded on the step")  # fmt: skip
-    wait_until(lambda: redis_client.hlen("unacked"), timeout=10, what="the driver holding its next poll")
+    wait_until(lambda: redis_client.hlen("haulage:unacked"), timeout=10, what="the driver holding its next poll")
     first.kill()
     killed_at = time.monotonic()
     second = make_worker(queues="dt_kill", concurrency=1, extra_env=env)

@@ -37,7 +37,7 @@ def test_two_concurrent_deliveries_run_the_body_once(make_worker: Any, redis_cli
     slow_once.task.apply_async(args=[], kwargs=kwargs, task_id=task_id, queue="crash")
     wait_until(lambda: get_store().get_checkpoints(run_id, ["1:slow_once"]), timeout=30, what="checkpoint")
     # Both deliveries finish (the second finds the lock, comes back, finds the checkpoint).
-    wait_until(lambda: redis_client.llen("crash") == 0, timeout=30, what="queue drained")
+    wait_until(lambda: redis_client.llen("haulage:crash") == 0, timeout=30, what="queue drained")
     wait_until(lambda: not redis_client.exists(f"haulage:lock:{run_id}:1:slow_once"), timeout=30, what="lock released")
     assert counts(redis_client, run_id) == {"1:slow_once": 1}
     print(f"\nchaos d: same message delivered twice at once, body ran {counts(redis_client, run_id)['1:slow_once']} "

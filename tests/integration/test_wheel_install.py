@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, wait_until
+from tests.integration.test_pytest_celery import run_app_tests
 
 FIXTURE_APP = ROOT / "tests" / "fixtures" / "app"
 pytestmark = pytest.mark.slow
@@ -119,3 +120,15 @@ def test_unsafe_deployment_settings_are_refused(installed_app: tuple[Path, Path,
                           text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
     assert "task_acks_late" in done.stderr and "celeryconfig" in done.stderr, done.stderr
+
+
+def test_the_apps_own_tests_run_on_the_installed_plugin(installed_app: tuple[Path, Path, Path]) -> None:
+    """`pip install haulage pytest` and the app's own tests (the README's recipe) pass, warnings as errors."""
+    _, app, venv = installed_app
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "pytest>=8"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    done, seconds = run_app_tests(app, str(venv / "bin" / "python"))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "2 passed" in done.stdout, done.stdout
+    assert seconds < 30, f"the app's pytest took {seconds:.1f} s"

@@ -33,8 +33,8 @@ killed (SIGKILL) is lost: counters may stay short, checkpoints never do.
 
 Modules: ``encoding`` (records to documents and back), ``buffer`` (the
 coalescing buffer), ``writer`` (the paced writer and its thread), ``store``
-(the FirestoreStore), ``feed`` (change listeners), ``exit_hooks`` (writes at
-process exit).
+(the FirestoreStore), ``guards`` (once-guards), ``feed`` (change listeners),
+``exit_hooks`` (writes at process exit).
 """
 
 from __future__ import annotations

@@ -29,11 +29,12 @@ from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 from haulage.errors import ConfigError, StoreConflict
+from haulage.progress.firestore import guards
 from haulage.progress.firestore.buffer import Pending
 from haulage.progress.firestore.encoding import decode_checkpoint, decode_run, doc_id, encode_checkpoint, encode_run
 from haulage.progress.firestore.exit_hooks import close_at_exit
 from haulage.progress.firestore.feed import SnapshotFeed
-from haulage.progress.firestore.writer import CONFLICTS, MAX_ATTEMPTS, PacedWriter
+from haulage.progress.firestore.writer import PacedWriter
 from haulage.progress.models import Checkpoint, RunRecord, RunStatus, RunUpdate, StepRecord, now
 from haulage.settings import get_settings
 
@@ -339,44 +340,18 @@ class FirestoreStore:
             self._writer.flush_run(run_id, paced=False)
         return checkpoint
 
-    # --- once-guards ----------------------------------------------------------------------------
+    # --- once-guards (haulage.progress.firestore.guards) ----------------------------------------
     def claim_guard(self, run_id: str, key: str, token: str) -> str | None:
-        ref = self._sub_ref(run_id, GUARDS, key)
-        for _ in range(MAX_ATTEMPTS):
-            try:
-                ref.create({"key": key, "state": f"pending:{token}"})
-                return None
-            except gexc.AlreadyExists:
-                snap = ref.get()
-                if snap.exists:
-                    return str((snap.to_dict() or {}).get("state"))
-                # released between our create and our read: claim it again
-        raise StoreConflict(f"guard {key!r} of run {run_id} kept being claimed and released")
+        return guards.claim(self._sub_ref(run_id, GUARDS, key), key, token)
+
+    def replace_guard(self, run_id: str, key: str, expected: str, state: str) -> bool:
+        return guards.replace(self.db, self._sub_ref(run_id, GUARDS, key), expected, state)
 
     def finish_guard(self, run_id: str, key: str, token: str, done: bool) -> None:
-        ref = self._sub_ref(run_id, GUARDS, key)
-        if done:
-            ref.set({"key": key, "state": "done"})
-            return
-        for _ in range(MAX_ATTEMPTS):
-            snap = ref.get()
-            if not snap.exists or (snap.to_dict() or {}).get("state") != f"pending:{token}":
-                return  # not held by this token (any more): leave it
-            try:
-                # Release only the claim we read: a precondition on its update_time
-                # is the compare in compare-and-delete.
-                ref.delete(option=self.db.write_option(last_update_time=snap.update_time))
-                return
-            except CONFLICTS:
-                continue
-        raise StoreConflict(f"guard {key!r} of run {run_id} kept changing while being released")
+        guards.finish(self.db, self._sub_ref(run_id, GUARDS, key), key, token, done)
 
     def get_guards(self, run_id: str) -> dict[str, Any]:
-        out = {}
-        for snap in self._run_ref(run_id).collection(GUARDS).stream():
-            data = snap.to_dict() or {}
-            out[data.get("key", snap.id)] = data.get("state")
-        return out
+        return guards.read_all(self._run_ref(run_id).collection(GUARDS))
 
     # --- coalescing -----------------------------------------------------------------------------
     def flush(self, run_id: str | None = None) -> None:

@@ -40,6 +40,9 @@ CONFLICTS = (gexc.FailedPrecondition, gexc.Aborted)
 # Fields a conditional write reads: the status (transitions, and the barrier
 # for stale sets) and the history it appends to.
 READ_FOR_WRITE = ["status", "status_at", "history"]
+#: counters written at once, not buffered: finishing and recovery read them, and a process killed
+#: with a buffer loses it (a fan-out's total, once per fan-out; measured lost as "total 1 of 81")
+WRITTEN_AT_ONCE = frozenset({"steps.total"})
 
 
 @dataclass
@@ -131,7 +134,8 @@ class PacedWriter:
 
     # --- buffering ------------------------------------------------------------------------------
     def buffer(self, run_id: str, update: RunUpdate) -> None:
-        """Merge ``update`` into the run's buffer; a status change (or anything after close) is written now."""
+        """Merge ``update`` into the run's buffer; a status change, a WRITTEN_AT_ONCE counter (or anything
+        after close) is written now."""
         st = self.state(run_id)
         with self.lock:
             fresh = not st.queue
@@ -139,8 +143,8 @@ class PacedWriter:
             if fresh:
                 st.due = max(st.due, time.monotonic())
                 self._wake.notify()
-        if "status" in update.set or self.closed:
-            self.flush_run(run_id, paced=False)  # a status is never left waiting; nor is anything after close()
+        if "status" in update.set or self.closed or not WRITTEN_AT_ONCE.isdisjoint(update.incr):
+            self.flush_run(run_id, paced=False)  # never left waiting: a status, such a counter, anything after close()
         else:
             self._ensure_thread()
 

@@ -1,0 +1,177 @@
+"""Orphaned deliveries: a message whose worker died goes back to the front of its queue within seconds.
+
+With ``task_acks_late`` a worker holds every message it runs, reserves or
+keeps for a countdown in kombu's ``unacked`` hash (indexed by delivery time
+in ``unacked_index``) until it acknowledges it. When the whole worker dies
+(SIGKILL, OOM, a lost machine), nobody is left to give those messages back:
+kombu redelivers them only after the visibility timeout (an hour by default),
+and lowering that timeout is no cure, since it would also redeliver a long
+step or a countdown retry that a live worker still holds.
+
+So every worker's main process says which deliveries it holds: every
+``PUBLISH_INTERVAL`` it marks their tags in Redis with a lifetime of
+HAULAGE_LOCK_LIVENESS (:meth:`Coordination.hold_deliveries`). And one worker
+at a time, every ``SWEEP_INTERVAL`` or so, sweeps: it reads the unacked
+deliveries older than the liveness window (the oldest first, at most
+``SWEEP_LIMIT``), and puts back those that no live worker marked, atomically
+as kombu itself restores them (WATCH ``unacked``, then in one MULTI/EXEC:
+remove from both indices, push the message), at the front of its queue
+(kombu consumes with BRPOP, so RPUSH is the front). A sweep costs one range
+read and one MGET over the messages in flight, whatever the number of runs.
+
+A worker that is frozen rather than dead (its marks lapsed, its message put
+back) is safe as before: the step lock and its liveness let one delivery run
+the step at a time, and the checkpoint is create-if-absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from celery import Celery, bootsteps
+from celery.worker import state
+
+from haulage.coordination import Coordination, get_coordination
+from haulage.settings import get_settings
+
+log = logging.getLogger("haulage.orphans")
+
+PUBLISH_INTERVAL = 1.0  #: seconds between a worker's marks of the deliveries it holds
+SWEEP_INTERVAL = 2.0  #: seconds between sweeps, across all workers (one sweeps per turn)
+SWEEP_LIMIT = 1000  #: unacked deliveries, oldest first, one sweep looks at
+TURN = "orphan-sweep"
+
+
+def _tags(requests: Iterable[Any]) -> set[str]:
+    found = set()
+    for request in list(requests):
+        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+        if tag:
+            found.add(str(tag))
+    return found
+
+
+def held_tags(consumer: Any) -> list[str]:
+    """The delivery tags this worker holds: running, reserved, waiting out a countdown or ETA, or just received."""
+    qos = getattr(getattr(getattr(consumer, "task_consumer", None), "channel", None), "qos", None)
+    groups = (state.active_requests, state.reserved_requests, getattr(state, "scheduled_requests", ()))
+    for _ in range(5):
+        try:
+            found = set().union(*(_tags(group) for group in groups), _tags(state.requests.values()))
+            # kombu's own record of what this channel has not acknowledged: every held message, whatever Celery did.
+            found.update(str(tag) for tag in list(getattr(qos, "_delivered", None) or ()))
+            return sorted(found)
+        except RuntimeError:  # the consumer's thread changed a set while we copied it: copy again
+            continue
+    return []
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def task_of(raw: Any) -> tuple[str, str]:
+    """(task name, task id) of an ``unacked`` entry (kombu stores ``[message, exchange, routing_key]``)."""
+    try:
+        headers = json.loads(_text(raw))[0].get("headers") or {}
+        return str(headers.get("task") or ""), str(headers.get("id") or "")
+    except (ValueError, IndexError, AttributeError, TypeError):
+        return "", ""
+
+
+def sweep(app: Celery, channel: Any, coordination: Coordination, *, liveness: float) -> list[str]:
+    """Put back the unacked deliveries older than ``liveness`` that no live worker holds; return their task ids.
+
+    ``channel`` is a kombu Redis channel of the app's broker connection, so its
+    transport options (``global_keyprefix``, key names, priorities) are the workers'.
+    Only messages of this app's tasks are touched: another app on the same broker has its own workers.
+    """
+    if not hasattr(channel, "unacked_index_key"):
+        return []  # not kombu's Redis transport: nothing of this kind to sweep
+    restored = []
+    with channel.conn_or_acquire() as client:
+        ceil = time.time() - liveness
+        old = [_text(t) for t in client.zrange(channel.unacked_index_key, "-inf", ceil, byscore=True,
+                                               offset=0, num=SWEEP_LIMIT)]  # fmt: skip
+        for tag, held in zip(old, coordination.held_deliveries(old), strict=True):
+            if held:
+                continue
+            raw = client.hget(channel.unacked_key, tag)
+            name, task_id = task_of(raw) if raw is not None else ("", "")
+            if raw is not None and name not in app.tasks:
+                continue
+            # WATCH unacked, read, then MULTI: drop from both indices and RPUSH (the front). An entry
+            # acknowledged meanwhile aborts the transaction, and the retry finds nothing to push.
+            channel.qos.restore_by_tag(tag, client=client)
+            if raw is not None:
+                restored.append(task_id)
+                log.warning("put back task %s (%s): its worker died holding it (delivery %s)", task_id, name, tag)
+    return restored
+
+
+class _Loop:
+    """The thread in a worker's main process that marks its deliveries and takes its turns at the sweep."""
+
+    def __init__(self, app: Celery, consumer: Any) -> None:
+        self.app = app
+        self.consumer = consumer
+        self.stopped = threading.Event()
+        self.token = uuid.uuid4().hex
+        self.connection: Any = None
+
+    def run(self) -> None:
+        next_sweep = 0.0
+        while not self.stopped.is_set():
+            coordination = get_coordination()
+            liveness = get_settings().lock_liveness
+            try:
+                coordination.hold_deliveries(held_tags(self.consumer), liveness)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + SWEEP_INTERVAL
+                    if coordination.take_turn(TURN, self.token, SWEEP_INTERVAL):
+                        sweep(self.app, self.channel(), coordination, liveness=liveness)
+            except Exception:  # Redis or the broker away: log it and try again next beat; this thread must live on
+                log.exception("orphan sweep: marking held deliveries or sweeping failed; trying again")
+                self.close()
+            self.stopped.wait(PUBLISH_INTERVAL)
+        self.close()
+
+    def channel(self) -> Any:
+        # A connection of its own: the consumer's belongs to the consumer's thread.
+        if self.connection is None:
+            self.connection = self.app.connection_for_write()
+        return self.connection.default_channel
+
+    def close(self) -> None:
+        if self.connection is not None:
+            try:
+                self.connection.release()
+            finally:
+                self.connection = None
+
+
+class OrphanSweep(bootsteps.StartStopStep):
+    """Consumer bootstep: runs :class:`_Loop` while the worker consumes (restarted with the consumer)."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.loop: _Loop | None = None
+
+    def start(self, parent: Any) -> None:
+        self.loop = _Loop(parent.app, parent)
+        threading.Thread(target=self.loop.run, name="haulage-orphans", daemon=True).start()
+
+    def stop(self, parent: Any) -> None:
+        if self.loop is not None:
+            self.loop.stopped.set()
+            self.loop = None
+
+    shutdown = stop
