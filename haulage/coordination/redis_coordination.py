@@ -119,6 +119,9 @@ class RedisCoordination:
     def count_crash(self, run_id: str, step_key: str) -> int:
         return int(self.r.hincrby(keys.crashes(run_id), step_key, 1))
 
+    def reset_crashes(self, run_id: str) -> None:
+        self.r.delete(keys.crashes(run_id))
+
     def hold_deliveries(self, tags: Sequence[str], liveness_seconds: float) -> None:
         if not tags:
             return

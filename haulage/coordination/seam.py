@@ -89,6 +89,9 @@ class Coordination(Protocol):
     def count_crash(self, run_id: str, step_key: str) -> int:
         """Count one death of a worker running (run, step); return how many the step has had (atomic)."""
 
+    def reset_crashes(self, run_id: str) -> None:
+        """Forget the run's counted deaths (a resume gives every step its crash budget again)."""
+
     def hold_deliveries(self, tags: Sequence[str], liveness_seconds: float) -> None:
         """Mark broker delivery ``tags`` as held by a live worker for the next ``liveness_seconds``."""
 

@@ -6,6 +6,11 @@ stops. A `haulage` command run in the same folder without HAULAGE_REDIS_URL
 adopts them, so that it writes runs where the workers read them, and says so
 on stderr. A file whose stack was killed (its pid is gone) is ignored, also
 with a word.
+
+The file sits in a folder that may come from anywhere (a cloned repository),
+so it is trusted only as far as `haulage dev` writes it: it must name the pid
+of its stack, only Haulage's own variables and the emulator's are taken, and
+only when its Redis is on this machine's loopback.
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ import re
 import shlex
 from collections.abc import MutableMapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 _PID = re.compile(r"^# written by haulage dev, pid (\d+)")
+#: what `haulage dev` writes besides HAULAGE_* (never credentials or paths to them)
+_ALSO_TAKEN = {"FIRESTORE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT"}
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def _alive(pid: int) -> bool:
@@ -59,8 +68,13 @@ def adopt_dev_env(environ: MutableMapping[str, str] | None = None) -> str:
         pid, values = read_env_file(path)
     except (OSError, ValueError):
         return ""
-    if pid is not None and not _alive(pid):
+    if pid is None:
+        return f"haulage: ignoring {path}: `haulage dev` did not write it (no pid line)"
+    if not _alive(pid):
         return f"haulage: ignoring {path}: the `haulage dev` that wrote it (pid {pid}) is gone"
+    if urlsplit(values.get("HAULAGE_REDIS_URL", "")).hostname not in _LOOPBACK:
+        return f"haulage: ignoring {path}: its HAULAGE_REDIS_URL is not on this machine's loopback"
     for name, value in values.items():
-        env.setdefault(name, value)
+        if name.startswith("HAULAGE_") or name in _ALSO_TAKEN:
+            env.setdefault(name, value)
     return f"haulage: using the dev stack's settings from {path} (HAULAGE_REDIS_URL={values.get('HAULAGE_REDIS_URL')})"

@@ -35,7 +35,7 @@ class StepContext:
     """
 
     def __init__(self, store: Store, *, run_id: str, step_key: str, step_name: str, attempt: int,
-                 flow: Flow, backend: str = "local") -> None:  # fmt: skip
+                 flow: Flow, backend: str = "local", lock_token: str | None = None) -> None:  # fmt: skip
         self._store = store
         self.run_id = run_id
         self.step_key = step_key
@@ -45,7 +45,9 @@ class StepContext:
         self._flow = flow
         self._cancel_checked = 0.0
         self._cancelled = False
-        self._lock_token: str | None = None
+        #: this attempt's step-lock token, not whoever holds the lock now: a frozen attempt whose lock was
+        #: taken over must not claim guards in the new holder's name
+        self._lock_token = lock_token
         self.log = logging.LoggerAdapter(
             log, {"run_id": run_id, "step_key": step_key, "attempt": attempt, "backend": backend}
         )

@@ -196,7 +196,7 @@ class Attempt:
                 return record_failure(store, run_id, step, key, self.attempt - 1, last_error[0], last_error[1],
                                       self.params, flow, backend=self.backend, note=self.note)  # fmt: skip
             ctx = StepContext(store, run_id=run_id, step_key=key, step_name=step.name, attempt=self.attempt,
-                              flow=flow, backend=self.backend)  # fmt: skip
+                              flow=flow, backend=self.backend, lock_token=lock.token)  # fmt: skip
             try:
                 with Heartbeat(lock, store, run_id), step_scope(run_id=run_id, step_key=key, attempt=self.attempt,
                                                                 backend=self.backend):  # fmt: skip

@@ -22,6 +22,7 @@ check and the take-over happen only when a claim is found pending.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal, get_args
@@ -98,10 +99,25 @@ class _Guard:
         self.store.update_run(self.run_id, RunUpdate(events=[Event(now(), "guard-unknown", message, self.step_key)]))
 
     def finish(self, done: bool) -> None:
-        self.store.finish_guard(self.run_id, self.guard, self.holder, done=done)
+        if not done:
+            self.store.finish_guard(self.run_id, self.guard, self.holder, done=False)
+            return
+        # The effect has happened: a lost "done" mark would have a later attempt redo it, so the
+        # mark is worth a few tries across a store blip before the attempt gives up.
+        for delay in DONE_RETRY_DELAYS:
+            try:
+                self.store.finish_guard(self.run_id, self.guard, self.holder, done=True)
+                return
+            except Exception:  # the store's own errors differ by backend; the last try raises
+                self.log.warning("guard %s: marking the effect done failed; trying again in %.1fs", self.key, delay)
+                time.sleep(delay)
+        self.store.finish_guard(self.run_id, self.guard, self.holder, done=True)
 
     def guard_id(self) -> str:
         return guard_id(self.run_id, self.step_key, self.key)
+
+
+DONE_RETRY_DELAYS = (0.1, 0.3, 1.0)  #: seconds between tries of the "done" mark after an effect
 
 
 @contextmanager

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from celery import Celery, bootsteps
+from celery import Celery, bootsteps, signals
 from celery.worker import state
 
 from haulage.coordination import Coordination, get_coordination
@@ -122,17 +122,18 @@ class _Loop:
         self.app = app
         self.consumer = consumer
         self.stopped = threading.Event()
+        self.sweeping = True  #: off while the consumer is stopped; marking goes on until the worker shuts down
         self.token = uuid.uuid4().hex
         self.connection: Any = None
 
     def run(self) -> None:
         next_sweep = 0.0
         while not self.stopped.is_set():
-            coordination = get_coordination()
-            liveness = get_settings().lock_liveness
             try:
+                coordination = get_coordination()
+                liveness = get_settings().lock_liveness
                 coordination.hold_deliveries(held_tags(self.consumer), liveness)
-                if time.monotonic() >= next_sweep:
+                if self.sweeping and time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SWEEP_INTERVAL
                     if coordination.take_turn(TURN, self.token, SWEEP_INTERVAL):
                         sweep(self.app, self.channel(), coordination, liveness=liveness)
@@ -156,22 +157,37 @@ class _Loop:
                 self.connection = None
 
 
+_loop: _Loop | None = None  #: one per worker process, across consumer restarts
+
+
 class OrphanSweep(bootsteps.StartStopStep):
-    """Consumer bootstep: runs :class:`_Loop` while the worker consumes (restarted with the consumer)."""
+    """Consumer bootstep: starts this worker's :class:`_Loop` and lets it sweep while the worker consumes.
+
+    Stopping the consumer (a warm shutdown, a lost broker connection) stops only
+    the sweeping: the steps still running go on being marked as held until the
+    pool has drained (``worker_shutdown``), or another worker would put their
+    messages back while they run.
+    """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.loop: _Loop | None = None
-
     def start(self, parent: Any) -> None:
-        self.loop = _Loop(parent.app, parent)
-        threading.Thread(target=self.loop.run, name="haulage-orphans", daemon=True).start()
+        global _loop
+        if _loop is None or _loop.stopped.is_set():
+            _loop = _Loop(parent.app, parent)
+            threading.Thread(target=_loop.run, name="haulage-orphans", daemon=True).start()
+        _loop.consumer = parent
+        _loop.sweeping = True
 
     def stop(self, parent: Any) -> None:
-        if self.loop is not None:
-            self.loop.stopped.set()
-            self.loop = None
+        if _loop is not None:
+            _loop.sweeping = False
 
     shutdown = stop
+
+
+@signals.worker_shutdown.connect
+def _stop_marking(**_: Any) -> None:
+    """The pool has drained: nothing this worker holds is still running."""
+    if _loop is not None:
+        _loop.stopped.set()

@@ -41,6 +41,12 @@ class Chain:
 Node = StepCall | FanOut | Chain | Step
 
 
+def plan_steps(plan: Chain) -> list[str]:
+    """The names of the steps a plan runs (what a worker must serve for the run to move)."""
+    calls = [c for stage in plan.stages for c in (stage.steps if isinstance(stage, FanOut) else (stage,))]
+    return sorted({c.step.name for c in calls})
+
+
 def _as_call(node: Any, where: str) -> StepCall:
     if isinstance(node, Step):
         return StepCall(node, {})

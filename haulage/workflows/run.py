@@ -9,6 +9,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from haulage.coordination import get_coordination
 from haulage.dispatch.driver import cancel_executions
 from haulage.errors import RunCancelled, RunFailed, RunNotFinished, RunNotFound, WaitTimeout
 from haulage.progress import get_store
@@ -203,6 +204,8 @@ def resume_run(run_id: str, *, reason: str = "resumed on request") -> Run:
     )
     if not resumed:  # it ended (or was cancelled) meanwhile
         return Run(run_id)
+    # A step failed for dying too often gets its crash budget back, as a failed one gets its retries.
+    get_coordination().reset_crashes(run_id)
     canvas.apply_async()
     log.info("run %s resumed: %s", run_id, reason)
     return Run(run_id)

@@ -21,7 +21,7 @@ from haulage.tasks.agreement import check as check_agreement
 from haulage.tasks.app import app
 from haulage.workflows import registry
 from haulage.workflows.params import params_model, validate_params
-from haulage.workflows.plan import Chain, as_plan, compile_plan
+from haulage.workflows.plan import Chain, as_plan, compile_plan, plan_steps
 from haulage.workflows.run import Run
 
 ON_FAILURE = ("collect", "fail")
@@ -98,7 +98,7 @@ class Workflow:
             steps=StepCounts(total=known_steps),
             history=[Event(now(), "created", f"run of {self.name} created")],
         )
-        preflight(self.name)
+        preflight(self.name, plan_steps(plan))
         store = get_store()
         try:
             existing = store.create_run(record)
@@ -113,14 +113,19 @@ class Workflow:
             return Run(existing.id)
         try:
             canvas.apply_async()
-        # RuntimeError: Celery's Redis result backend gives up reconnecting with one ("Retry limit exceeded").
-        except (OperationalError, RedisError, OSError, RuntimeError) as exc:
+        except (OperationalError, RedisError, OSError) as exc:
             store.delete_run(run_id)  # nothing half-created: no run without its messages
+            raise BrokerUnavailable(f"cannot enqueue run of {self.name}: the broker is unreachable ({exc})") from exc
+        except RuntimeError as exc:
+            store.delete_run(run_id)
+            if "Retry limit exceeded" not in str(exc):
+                raise
+            # Celery's Redis result backend gives up reconnecting with a bare RuntimeError.
             raise BrokerUnavailable(f"cannot enqueue run of {self.name}: the broker is unreachable ({exc})") from exc
         return Run(run_id)
 
 
-def preflight(workflow: str) -> None:
+def preflight(workflow: str, steps: list[str]) -> None:
     """Before a run is written: Redis and the broker answer now, and the live workers share our settings.
 
     A broker that is down otherwise costs Celery's reconnect loop (about 20 s of
@@ -128,7 +133,7 @@ def preflight(workflow: str) -> None:
     """
     settings = get_settings()
     try:
-        check_agreement(app.tasks.keys())
+        check_agreement(steps)  # only workers serving this plan's steps: other apps' workers are not ours
     except RedisError as exc:
         if settings.broker_url == settings.redis_url:
             raise BrokerUnavailable(f"cannot enqueue run of {workflow}: the broker is unreachable ({exc})") from exc

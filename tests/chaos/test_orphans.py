@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -176,3 +177,20 @@ def test_a_countdown_retry_held_by_a_live_worker_is_not_put_back(world: World) -
         f"\ncountdown retry: held unacked {held:.1f}s by a live worker across the 15 s liveness window; "
         "not put back, ran once at its time"
     )
+
+
+def test_a_worker_in_warm_shutdown_keeps_its_running_step(world: World) -> None:
+    """SIGTERM (a deploy) lets the running step finish; its message must not be swept to another worker meanwhile."""
+    run_id = world.start("t_orphan", sleep=LIVENESS + 9)
+    wait_until(lambda: world.bodies(run_id) == 1, timeout=60, what="the step's body to start")
+    pid = int(world.r.get(f"orphans:worker:{run_id}") or 0)
+    [stopping] = [w for w in world.workers if w.proc is not None and w.proc.pid == pid]
+    assert stopping.proc is not None
+    os.kill(pid, signal.SIGTERM)  # the main process only: Celery's warm shutdown, as a platform sends it
+    record = world.wait_end(run_id, timeout=LIVENESS + 40)
+    assert record.status is RunStatus.COMPLETE, record.error
+    assert world.bodies(run_id) == 1
+    stopping.proc.wait(30)
+    assert "put back task" not in world.logs(), "a message still running in a stopping worker was swept"
+    stopping.start()  # the fixture stops both workers
+    print(f"\nwarm shutdown: a {LIVENESS + 9:.0f}s step finished in the stopping worker; nothing put back")

@@ -142,6 +142,9 @@ def test_crashes_are_counted_per_run_and_step(coordination: Coordination) -> Non
     coordination.purge_run(run_id)
     assert coordination.count_crash(run_id, "0:s") == 1  # purged with the run
     assert coordination.count_crash(other, "0:s") == 2
+    coordination.reset_crashes(other)  # a resume: the budget is whole again, for this run only
+    assert coordination.count_crash(other, "0:s") == 1
+    assert coordination.count_crash(run_id, "0:s") == 2
 
 
 def test_held_deliveries_lapse_unless_marked_again(coordination: Coordination) -> None:

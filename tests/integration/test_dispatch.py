@@ -212,9 +212,13 @@ def test_long_step_runs_in_a_cloud_run_task(
     # A child of the local Cloud Run server (in this process), not of any worker.
     assert out["ppid"] == os.getpid()
     assert out["pid"] not in worker_pids(worker, cloud_worker) | {os.getpid()}
-    [execution] = executions_of(cloudrun, run.id)
+    # The run ends when the job's report lands; the server counts the task as succeeded once its
+    # process has exited, a moment later (Cloud Run's own execution status is as asynchronous).
+    execution = wait_until(lambda: (found := executions_of(cloudrun, run.id)) and found[0].succeeded_count == 1
+                           and found[0], timeout=15, what="the execution to count its task succeeded")  # fmt: skip
+    assert len(executions_of(cloudrun, run.id)) == 1
     assert execution.name.endswith("/executions/" + out["env"]["CLOUD_RUN_EXECUTION"])
-    assert execution.succeeded_count == 1 and execution.task_count == 1
+    assert execution.task_count == 1
     step = step_of(run.id, "1:mode_probe")
     assert (step.status, step.backend, step.execution) == (StepStatus.COMPLETE, "cloudrun", execution.name)
     assert any(e.kind == "dispatch" and execution.name in e.message for e in record.history)

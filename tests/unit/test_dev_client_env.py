@@ -40,3 +40,20 @@ def test_a_file_left_by_a_killed_stack_is_ignored_with_a_word(tmp_path: Path) ->
     env = {"HAULAGE_DEV_DIR": str(tmp_path / ".haulage")}
     assert "is gone" in adopt_dev_env(env)
     assert "HAULAGE_REDIS_URL" not in env
+
+
+def test_a_planted_env_file_is_trusted_only_as_far_as_haulage_dev_writes_it(tmp_path: Path) -> None:
+    """A cloned folder's .haulage/env cannot point the CLI at a remote Redis or set other variables."""
+    folder = tmp_path / ".haulage"
+    folder.mkdir()
+    env_file = folder / "env"
+    env: dict[str, str] = {"HAULAGE_DEV_DIR": str(folder)}
+    env_file.write_text("export HAULAGE_REDIS_URL=redis://127.0.0.1:6390/0\n")
+    assert "no pid line" in adopt_dev_env(env) and "HAULAGE_REDIS_URL" not in env
+    env_file.write_text(f"# written by haulage dev, pid {os.getpid()}\nexport HAULAGE_REDIS_URL=redis://evil.example:6379/0\n")
+    assert "not on this machine's loopback" in adopt_dev_env(env) and "HAULAGE_REDIS_URL" not in env
+    env_file.write_text(f"# written by haulage dev, pid {os.getpid()}\nexport HAULAGE_REDIS_URL=redis://127.0.0.1:6390/0\n"
+                        "export GOOGLE_APPLICATION_CREDENTIALS=/tmp/theirs.json\nexport PYTHONPATH=/tmp/theirs\n")
+    assert "using the dev stack's settings" in adopt_dev_env(env)
+    assert env["HAULAGE_REDIS_URL"] == "redis://127.0.0.1:6390/0"
+    assert "GOOGLE_APPLICATION_CREDENTIALS" not in env and "PYTHONPATH" not in env
