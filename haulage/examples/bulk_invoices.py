@@ -12,8 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from haulage.tasks import Results, StepContext, step
-from haulage.workflows import chain, fan_out, workflow
+from haulage import Results, StepContext, chain, fan_out, step, workflow
 
 #: EUR per unit of each currency (illustrative fixed rates)
 RATES = {"EUR": Decimal("1"), "USD": Decimal("0.92"), "GBP": Decimal("1.17"), "CHF": Decimal("1.04")}

@@ -9,9 +9,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from haulage import Results, StepContext, chain, fan_out, step, workflow
 from haulage.examples.rulebook import check_page
-from haulage.tasks import Results, StepContext, step
-from haulage.workflows import chain, fan_out, workflow
 
 SAMPLE = Path(__file__).parent / "data" / "sample_plan.txt"
 #: illustrative price of the rule engine, per 1,000 tokens

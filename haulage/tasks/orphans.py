@@ -97,8 +97,13 @@ def sweep(app: Celery, channel: Any, coordination: Coordination, *, liveness: fl
     restored = []
     with channel.conn_or_acquire() as client:
         ceil = time.time() - liveness
-        old = [_text(t) for t in client.zrange(channel.unacked_index_key, "-inf", ceil, byscore=True,
-                                               offset=0, num=SWEEP_LIMIT)]  # fmt: skip
+        index = channel.unacked_index_key
+        # kombu's client adds global_keyprefix to the commands kombu itself uses; before 5.6 that list had
+        # ZREVRANGEBYSCORE but not ZRANGE, so there the prefix is ours to add.
+        prefix = getattr(client, "global_keyprefix", "") or ""
+        if prefix and "ZRANGE" not in getattr(client, "PREFIXED_SIMPLE_COMMANDS", ("ZRANGE",)):
+            index = prefix + index
+        old = [_text(t) for t in client.zrange(index, "-inf", ceil, byscore=True, offset=0, num=SWEEP_LIMIT)]
         for tag, held in zip(old, coordination.held_deliveries(old), strict=True):
             if held:
                 continue
