@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import redis
 
+from haulage.coordination import RedisCoordination
 from haulage.devtools.redis_server import free_port, start_redis
 from haulage.progress.models import RunRecord, RunStatus, StepStatus
 from haulage.progress.redis_store import RedisStore
@@ -109,7 +110,13 @@ def world(tmp_path: Path) -> Iterator[World]:
 def test_a_killed_workers_step_is_re_run_by_another_within_seconds(world: World) -> None:
     run_id = world.start("t_orphan", sleep=4.0)
     wait_until(lambda: world.bodies(run_id) == 1, timeout=60, what="the step's body to start")
-    time.sleep(0.5)  # let the worker mark its delivery held, as it would mid-step
+    marks = RedisCoordination(world.r)
+
+    def marked() -> bool:  # the worker has marked its delivery held, as it does mid-step
+        tags = [t.decode() for t in world.unacked()]
+        return bool(tags) and all(marks.held_deliveries(tags))
+
+    wait_until(marked, timeout=10, what="the running delivery marked held")
     world.kill_runner(run_id)
     killed = time.monotonic()
     wait_until(lambda: world.bodies(run_id) == 2, timeout=LIVENESS + SLACK + 10, interval=0.1,
