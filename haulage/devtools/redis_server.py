@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from haulage.errors import ConfigError
@@ -36,9 +37,17 @@ def free_port() -> int:
 
 
 def start_redis(
-    data_dir: Path, port: int, *, appendonly: bool = True, log_file: Path | None = None
+    data_dir: Path,
+    port: int,
+    *,
+    appendonly: bool = True,
+    log_file: Path | None = None,
+    extra_args: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start redis-server bound to 127.0.0.1 with its append-only file (fsync every second) in ``data_dir``."""
+    """Start redis-server bound to 127.0.0.1 with its append-only file (fsync every second) in ``data_dir``.
+
+    ``extra_args`` are more ``--name value`` options (a replica's ``--replicaof``).
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     args = [
         find_redis_server(),
@@ -49,6 +58,7 @@ def start_redis(
         "--appendfsync", "everysec",
         "--save", "",
         "--protected-mode", "yes",
+        *extra_args,
     ]  # fmt: skip
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

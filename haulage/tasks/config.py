@@ -13,14 +13,15 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
-from haulage.settings import Settings, get_settings
+from haulage.settings import Settings, get_settings, is_sentinel, parse_sentinel_url
 from haulage.tasks.queues import QUEUES, broker_prefix, route_task
+from haulage.tasks.sentinel_transport import TRANSPORT
 
 
 def from_settings(s: Settings) -> dict[str, Any]:
     """The Celery settings that come from HAULAGE_* variables (re-applied by haulage.testing when they change)."""
     prefix = broker_prefix(s.key_prefix)
-    return {
+    conf: dict[str, Any] = {
         "broker_url": s.broker_url,
         "result_backend": s.result_backend,
         # Redis redelivers an unacknowledged message after the visibility timeout;
@@ -46,6 +47,23 @@ def from_settings(s: Settings) -> dict[str, Any]:
         "redbeat_redis_url": s.redis_url,
         "redbeat_key_prefix": f"{s.key_prefix}:redbeat",
     }
+    # A Sentinel group (sentinel://...;sentinel://...): kombu, Celery's result backend and RedBeat each
+    # ask the sentinels for the master of HAULAGE_REDIS_SENTINEL_MASTER and follow it across a failover.
+    conf["broker_transport"] = None  # kombu picks the transport from the URL's scheme
+    if is_sentinel(s.broker_url):
+        conf["broker_transport"] = TRANSPORT
+        conf["broker_transport_options"]["master_name"] = s.redis_sentinel_master
+    if is_sentinel(s.result_backend):
+        conf["result_backend_transport_options"]["master_name"] = s.redis_sentinel_master
+    if is_sentinel(s.redis_url):
+        address = parse_sentinel_url(s.redis_url)
+        conf["redbeat_redis_url"] = "redis-sentinel://"  # RedBeat's scheme; the sentinels come in the options
+        conf["redbeat_redis_options"] = {"sentinels": [list(a) for a in address.sentinels],
+                                         "service_name": s.redis_sentinel_master, "db": address.db,
+                                         "password": address.password, "socket_timeout": 10}  # fmt: skip
+        if address.username:
+            conf["redbeat_redis_options"]["username"] = address.username
+    return conf
 
 
 _ENGINE_MODULES = (
@@ -60,6 +78,7 @@ _ENGINE_MODULES = (
 
 _from_env = from_settings(get_settings())
 broker_url = _from_env["broker_url"]
+broker_transport = _from_env["broker_transport"]
 result_backend = _from_env["result_backend"]
 
 # JSON only: pickle on the wire is arbitrary code execution.
@@ -88,7 +107,8 @@ result_backend_transport_options = _from_env["result_backend_transport_options"]
 result_expires = 24 * 3600
 # Results are written with SET EX, not the SETEX redis-py 8 deprecates (see tasks/result_backend.py).
 override_backends = {"redis": "haulage.tasks.result_backend:RedisBackend",
-                     "rediss": "haulage.tasks.result_backend:RedisBackend"}  # fmt: skip
+                     "rediss": "haulage.tasks.result_backend:RedisBackend",
+                     "sentinel": "haulage.tasks.result_backend:SentinelBackend"}  # fmt: skip
 
 # Operators follow tasks in Flower. No "task-sent" events: they carry the real task name,
 # and arriving late they would overwrite the readable "workflow.step" (shadow) name.
@@ -101,6 +121,8 @@ imports = _from_env["imports"]
 # Beat keeps its schedule in Redis, behind a lock: two beat processes never fire the same entry.
 beat_scheduler = "redbeat.RedBeatScheduler"
 redbeat_redis_url = _from_env["redbeat_redis_url"]
+if "redbeat_redis_options" in _from_env:
+    redbeat_redis_options = _from_env["redbeat_redis_options"]
 redbeat_key_prefix = _from_env["redbeat_key_prefix"]
 redbeat_lock_timeout = 30  # seconds a dead beat's lock blocks a standby one
 beat_max_loop_interval = 5

@@ -5,7 +5,8 @@ result: a worker thread under ``pytest -W error`` then fails to store the
 result of a fan-out's step and its chord never fires (the run hangs). Same
 keys, same expiry, same pub/sub notice; only the command differs. Selected
 for ``redis://`` and ``rediss://`` URLs by ``override_backends`` in
-:mod:`haulage.tasks.config`.
+:mod:`haulage.tasks.config`, and for ``sentinel://`` ones as :class:`SentinelBackend`
+(Celery's Sentinel backend, which follows the master across a failover, with the same changes).
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from typing import Any
 
 from celery._state import get_current_task
 from celery.backends.redis import RedisBackend as _CeleryRedisBackend
+from celery.backends.redis import SentinelBackend as _CelerySentinelBackend
+
+from haulage.redis_client import FollowingConnection
 
 
-class RedisBackend(_CeleryRedisBackend):
+class _Changes(_CeleryRedisBackend):
     def on_task_call(self, producer: Any, task_id: str) -> None:
         # A task never waits for a result (no .get() inside a task), so a message sent from one
         # (a fan-out's chord, a retry) needs no subscription. Celery skips it in prefork children;
@@ -40,3 +44,23 @@ class RedisBackend(_CeleryRedisBackend):
             pipe.set(key, value, ex=expires or None)
             pipe.publish(key, value)
             pipe.execute()
+
+
+class RedisBackend(_Changes):
+    """Celery's Redis result backend with Haulage's changes."""
+
+
+class SentinelBackend(_Changes, _CelerySentinelBackend):
+    """Celery's Sentinel result backend (``sentinel://`` URLs) with Haulage's changes.
+
+    Its connections are :class:`~haulage.redis_client.FollowingConnection`: a master that
+    answers NOREPLICAS (its replica was promoted) is left for the new one, as READONLY is.
+    """
+
+    def _get_pool(self, **params: Any) -> Any:
+        sentinel = self._get_sentinel_instance(**params)
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        options = {} if "connection_class" in sentinel.connection_kwargs else {"connection_class": FollowingConnection}
+        master = sentinel.master_for(service_name=self._transport_options.get("master_name"),
+                                     redis_class=self._get_client(), **credentials, **options)  # fmt: skip
+        return master.connection_pool
