@@ -59,9 +59,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
               f"elsewhere: source {env_file.resolve()}")  # fmt: skip
         stack.start_services()
         if stack.flower_url:
-            _say(f"haulage dev: Flower at {stack.flower_url}")
+            user, _, password = stack.flower_auth.partition(":")
+            _say(f"haulage dev: Flower at {stack.flower_url} (user {user}, password {password})")
         if stack.page_url:
-            _say(f"haulage dev: progress page at {stack.page_url}")
+            until = time.strftime("%H:%M", time.localtime(stack.page_token_expires))
+            _say(f"haulage dev: progress page at {stack.page_url} (token valid until {until})")
         _say(f"haulage dev: all up in {time.monotonic() - began:.1f}s")
         _say("haulage dev: Ctrl-C stops everything")
         watcher = threading.Thread(target=stack.supervise, daemon=True)

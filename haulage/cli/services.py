@@ -13,6 +13,7 @@ import argparse
 import os
 
 import haulage
+from haulage.errors import ConfigError
 
 #: Commands whose process configures logging itself (Celery's worker, beat and Flower).
 OWN_LOGGING = frozenset({"worker", "beat", "flower"})
@@ -55,14 +56,46 @@ def cmd_beat(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Flower reads its options from FLOWER_* variables; credentials go that way, never on the command
+#: line, which any local user can read in /proc/PID/cmdline.
+FLOWER_AUTH_VARS = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH")
+
+
+def flower_environment(environ: dict[str, str], *, insecure_no_auth: bool) -> dict[str, str]:
+    """The environment Flower runs with; ConfigError when it would start open without being told to.
+
+    Flower with neither basic auth nor OAuth answers any web page: with
+    ``FLOWER_UNAUTHENTICATED_API`` its API sends ``Access-Control-Allow-Origin: *``
+    and applies tasks from cross-origin POSTs (any step, any run id, any params).
+    With basic auth it refuses cross-site requests (Sec-Fetch-Site, Origin) and
+    sends no CORS headers.
+    """
+    env = dict(environ)
+    basic = env.pop("HAULAGE_FLOWER_BASIC_AUTH", "").strip()
+    if basic:
+        if ":" not in basic or basic.startswith(":") or basic.endswith(":"):
+            raise ConfigError("HAULAGE_FLOWER_BASIC_AUTH must be user:password, got a value without both parts")
+        env["FLOWER_BASIC_AUTH"] = basic
+    authenticated = any(env.get(name, "").strip() for name in FLOWER_AUTH_VARS)
+    if not authenticated and not insecure_no_auth:
+        raise ConfigError(
+            "haulage flower: refusing to start Flower without authentication (any web page could read step "
+            "parameters and apply tasks); set HAULAGE_FLOWER_BASIC_AUTH=user:password, or pass "
+            "--insecure-no-auth on a machine where nothing else can reach the port"
+        )
+    if not insecure_no_auth:
+        env.pop("FLOWER_UNAUTHENTICATED_API", None)  # ignored under auth; never left on by accident
+    return env
+
+
 def cmd_flower(args: argparse.Namespace) -> int:
+    env = flower_environment(dict(os.environ), insecure_no_auth=args.insecure_no_auth)
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    os.environ.update(env)
     from haulage.tasks.app import app  # built now: see the module docstring
 
-    argv = ["flower", f"--address={args.address}", f"--port={args.port}"]
-    auth = os.environ.get("HAULAGE_FLOWER_BASIC_AUTH", "")
-    if auth:
-        argv.append(f"--basic-auth={auth}")
-    app.start(argv)
+    app.start(["flower", f"--address={args.address}", f"--port={args.port}"])
     return 0
 
 
@@ -92,4 +125,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser("flower", help="run Flower, the Celery monitor (basic auth from HAULAGE_FLOWER_BASIC_AUTH)")
     p.add_argument("--address", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="start without authentication: any web page in a browser on this machine can then "
+                        "read Flower and, with FLOWER_UNAUTHENTICATED_API, apply tasks")  # fmt: skip
     p.set_defaults(func=cmd_flower)

@@ -29,6 +29,8 @@ from haulage.devtools.firestore_emulator import DEFAULT_PROJECT, EmulatorMissing
 from haulage.devtools.redis_server import find_redis_server, free_port, wait_for_port
 from haulage.devtools.reload import Watcher
 from haulage.devtools.supervisor import Child, tend
+from haulage.devtools.unsafe_ports import browser_refused_ports
+from haulage.dispatch.job_config import CONFIG_ENV, OVERRIDES, write_job_config, write_key_file, write_private
 from haulage.errors import ConfigError
 from haulage.settings import env_str, reset_settings
 
@@ -36,11 +38,17 @@ from haulage.settings import env_str, reset_settings
 STOP_GRACE = 20.0
 #: seconds between looks for changed files under --reload
 RELOAD_POLL = 1.0
+#: seconds the dev API token works (a new one each `haulage dev`)
+DEV_TOKEN_TTL = 12 * 3600.0
 #: what a client shell needs to agree with the stack's workers; written to the `env` file when set
 CLIENT_ENV = ("HAULAGE_REDIS_URL", "HAULAGE_BROKER_URL", "HAULAGE_RESULT_BACKEND", "HAULAGE_MODULES",
               "HAULAGE_KEY_PREFIX", "HAULAGE_STORE", "FIRESTORE_EMULATOR_HOST", "HAULAGE_FIRESTORE_PROJECT",
               "HAULAGE_FIRESTORE_DATABASE", "HAULAGE_FIRESTORE_COLLECTION", "HAULAGE_DISPATCH_MODE",
-              "HAULAGE_CLOUDRUN_ENDPOINT", "HAULAGE_CLOUDRUN_JOB", "HAULAGE_CLOUDRUN_POLL_INTERVAL")  # fmt: skip
+              "HAULAGE_CLOUDRUN_ENDPOINT", "HAULAGE_CLOUDRUN_JOB", "HAULAGE_CLOUDRUN_POLL_INTERVAL",
+              "HAULAGE_CLOUDRUN_TOKEN")  # fmt: skip
+#: variables of the stack's environment that are not settings of the job (secrets, other services, the overrides)
+_NOT_JOB_SETTINGS = ("HAULAGE_CLOUDRUN_TOKEN", "HAULAGE_HANDOFF_KEY_FILE", "HAULAGE_API_", "HAULAGE_FLOWER_",
+                     "HAULAGE_DEV_", *OVERRIDES, CONFIG_ENV)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,26 +84,38 @@ class Stack:
         self.stopping = threading.Event()
         self.redis_url = os.environ.get("HAULAGE_REDIS_URL", "")
         self.flower_url = ""
+        self.flower_auth = ""  #: "user:password" of the dev Flower, random per start
         self.page_url = ""
+        self.page_token_expires = 0.0  #: Unix time the page's token stops working
         self.store = store
         self.parts = parts if dispatch == "cloudrun" else Parts(parts.beat, parts.flower, parts.api, cloudrun=False)
         self.reload = reload
         self._stop_emulator: Callable[[], None] | None = None
         self._emulator: threading.Thread | None = None
         self._emulator_error: BaseException | None = None
+        self.user_umask = -1  #: the umask `haulage dev` was started with, set back for the user's processes
         self._lock = threading.Lock()  # supervise() never starts a child while stop() runs
 
+    def python_path(self) -> list[str]:
+        """Where children import the user's modules from: the current directory (as the CLI does), PYTHONPATH."""
+        return [p for p in (os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)) if p]
+
     def env(self) -> dict[str, str]:
-        # Children import the user's modules from the current directory, as the CLI does.
-        path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
         return {**os.environ, "HAULAGE_REDIS_URL": self.redis_url, "HAULAGE_MODULES": self.modules,
-                "PYTHONPATH": path}  # fmt: skip
+                "PYTHONPATH": os.pathsep.join(self.python_path())}  # fmt: skip
 
     def start(self) -> None:
         """Start Redis, the store, the Cloud Run server and the workers; return once the workers answer.
 
         What runs needs: the services around it follow with :meth:`start_services`.
         """
+        # The folder holds what runs carry (the AOF holds every run's params) and the stack's secrets:
+        # owner only. This process's umask covers what it writes (logs, env, the job's files) and the
+        # children that write there (Redis, the Cloud Run server, the emulator); the workers, beat,
+        # Flower and the API get the user's own back, for whatever the user's steps write.
+        self.user_umask = os.umask(0o077)
+        self.dev_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dev_dir.chmod(0o700)  # a folder left by an older stack may be world-readable
         logs = self.dev_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self._start_redis(logs)
@@ -119,7 +139,8 @@ class Stack:
             argv = [sys.executable, "-m", "haulage.cli", "worker", "--queues", queue, "--hostname", hostname,
                     "--concurrency", "2" if queue == "short" else "1", "--without-mingle"]  # fmt: skip
             self._launch(Child(f"worker:{queue}", argv, logs / f"worker-{queue}.log", self.env(),
-                               where=f"queue {queue!r}, node {hostname}", reloads=True))  # fmt: skip
+                               where=f"queue {queue!r}, node {hostname}", reloads=True,
+                               umask=self.user_umask))  # fmt: skip
         self._wait_ready()
 
     def start_services(self) -> None:
@@ -132,13 +153,19 @@ class Stack:
         started = len(self.children)
         if self.parts.beat:
             self._launch(Child("beat", [sys.executable, "-m", "haulage.cli", "beat"], logs / "beat.log", self.env(),
-                               where="RedBeat scheduler (Redis lock)", reloads=True))  # fmt: skip
+                               where="RedBeat scheduler (Redis lock)", reloads=True,
+                               umask=self.user_umask))  # fmt: skip
         if self.parts.flower:
             port = int(os.environ.get("HAULAGE_DEV_FLOWER_PORT") or _port_or_free(5555))
             self.flower_url = f"http://127.0.0.1:{port}"
-            flower_env = {**self.env(), "FLOWER_UNAUTHENTICATED_API": "true"}  # loopback only, dev only
+            # Loopback is not enough: any web page the developer opens can reach 127.0.0.1. Random
+            # credentials, printed like the API token, make Flower refuse those pages (401, no CORS).
+            self.flower_auth = f"haulage:{secrets.token_urlsafe(18)}"
+            flower_env = {k: v for k, v in self.env().items() if not k.startswith("FLOWER_")}
+            flower_env["HAULAGE_FLOWER_BASIC_AUTH"] = self.flower_auth
             self._launch(Child("flower", [sys.executable, "-m", "haulage.cli", "flower", "--port", str(port)],
-                               logs / "flower.log", flower_env, where=self.flower_url, port=port))  # fmt: skip
+                               logs / "flower.log", flower_env, where=self.flower_url, port=port,
+                               umask=self.user_umask))  # fmt: skip
         if self.parts.api:
             self._start_api(logs)
         for child in self.children[started:]:
@@ -160,16 +187,29 @@ class Stack:
         self._wait_port(child)  # at once: this process pings the workers through it
 
     def _start_cloudrun(self, logs: Path) -> None:
-        """The local Cloud Run Jobs server; long steps run as its executions, as they would on Cloud Run."""
+        """The local Cloud Run Jobs server; long steps run as its executions, as they would on Cloud Run.
+
+        Set up as production is: the server wants a bearer token (new per start) on every call and
+        takes only the documented overrides; its tasks run ``python -I -m haulage.dispatch.job`` with a
+        job config file and a hand-off key file (both 0600, new per start) in the dev folder, standing
+        for the mounted config and secret of a deployed job.
+        """
         port = int(os.environ.get("HAULAGE_DEV_CLOUDRUN_PORT") or free_port())
         job = "projects/haulage-dev/locations/local/jobs/haulage-step"
+        token = secrets.token_urlsafe(24)
+        key_file = write_key_file(self.dev_dir / "secrets" / "handoff-key")
+        config = write_job_config(self.dev_dir / "job" / "config.json", settings=job_settings(self.env()),
+                                  python_path=self.python_path(), handoff_key_file=key_file.resolve())  # fmt: skip
         argv = [sys.executable, "-m", "haulage.devtools.local_cloudrun", "--port", str(port), "--job", "haulage-step",
                 "--log-dir", str(logs / "cloudrun")]  # fmt: skip
-        self._launch(Child("cloudrun", argv, logs / "cloudrun.log", self.env(), port=port,
+        server_env = {**self.env(), "HAULAGE_CLOUDRUN_TOKEN": token, CONFIG_ENV: str(config.resolve())}
+        self._launch(Child("cloudrun", argv, logs / "cloudrun.log", server_env, port=port,
                            where=f"local Cloud Run Jobs server at 127.0.0.1:{port}, job {job}"))  # fmt: skip
         poll = os.environ.get("HAULAGE_CLOUDRUN_POLL_INTERVAL", "0.5")
         os.environ.update({"HAULAGE_DISPATCH_MODE": "cloudrun", "HAULAGE_CLOUDRUN_ENDPOINT": f"127.0.0.1:{port}",
-                           "HAULAGE_CLOUDRUN_JOB": job, "HAULAGE_CLOUDRUN_POLL_INTERVAL": poll})  # fmt: skip
+                           "HAULAGE_CLOUDRUN_JOB": job, "HAULAGE_CLOUDRUN_POLL_INTERVAL": poll,
+                           "HAULAGE_CLOUDRUN_TOKEN": token,
+                           "HAULAGE_HANDOFF_KEY_FILE": str(key_file.resolve())})  # fmt: skip
 
     def _start_api(self, logs: Path) -> None:
         """The HTTP service in development mode, with a fresh token; the page address signs in with it."""
@@ -180,10 +220,13 @@ class Stack:
         # As haulage.api.server.dev_environment() and page_url(), without importing FastAPI here (~1.3 s
         # of CPU in this process, on the path to "ready", while every child is importing too).
         token = secrets.token_urlsafe(24)
-        api_env = {**self.env(), "HAULAGE_API_AUTH": "dev", "HAULAGE_API_DEV_TOKEN": token}
+        # New per start, and not for ever: a token copied out of a terminal or a log stops working.
+        self.page_token_expires = time.time() + DEV_TOKEN_TTL
+        api_env = {**self.env(), "HAULAGE_API_AUTH": "dev", "HAULAGE_API_DEV_TOKEN": token,
+                   "HAULAGE_API_DEV_TOKEN_EXPIRES": f"{self.page_token_expires:.0f}"}  # fmt: skip
         self.page_url = f"http://127.0.0.1:{port}/#token={token}"  # url-safe already
         argv = [sys.executable, "-m", "haulage.cli", "api", "--port", str(port)]
-        self._launch(Child("api", argv, logs / "api.log", api_env, port=port, reloads=True,
+        self._launch(Child("api", argv, logs / "api.log", api_env, port=port, reloads=True, umask=self.user_umask,
                            where=f"http://127.0.0.1:{port} (OpenAPI at /docs)"))  # fmt: skip
 
     def _start_store(self, logs: Path) -> None:
@@ -207,7 +250,10 @@ class Stack:
                      "(FIRESTORE_EMULATOR_HOST; not started here)")  # fmt: skip
             return
         find_emulator_or_fail(why)
-        port = int(os.environ.get("HAULAGE_DEV_FIRESTORE_PORT") or free_port())
+        # On ports browsers refuse: the emulator answers any web page, with admin rights for `Bearer owner`
+        # (see haulage.devtools.unsafe_ports). HAULAGE_DEV_FIRESTORE_PORT opts out, for a browser client.
+        port, websocket_port, webchannel_port = browser_refused_ports(3)
+        port = int(os.environ.get("HAULAGE_DEV_FIRESTORE_PORT") or port)
         os.environ["FIRESTORE_EMULATOR_HOST"] = f"127.0.0.1:{port}"
         self.out(f"  store          firestore ({why}), emulator at 127.0.0.1:{port} (project "
                  f"{os.environ['HAULAGE_FIRESTORE_PROJECT']})  log {logs / 'firestore.log'}")  # fmt: skip
@@ -215,7 +261,9 @@ class Stack:
         def run() -> None:
             try:
                 _, self._stop_emulator = start_emulator(os.environ["HAULAGE_FIRESTORE_PROJECT"],
-                                                        log_path=logs / "firestore.log", port=port)  # fmt: skip
+                                                        log_path=logs / "firestore.log", port=port,
+                                                        websocket_port=websocket_port,
+                                                        webchannel_port=webchannel_port)  # fmt: skip
             except BaseException as exc:  # handed to _wait_ready, in the main thread
                 self._emulator_error = exc
 
@@ -268,11 +316,9 @@ class Stack:
         (:mod:`haulage.devtools.client_env`); the first line names this process, so a file
         left by a stack that was killed is recognised as stale.
         """
-        path = self.dev_dir / "env"
         lines = [f"# written by haulage dev, pid {os.getpid()}; removed when it stops\n"]
         lines += [f"export {n}={shlex.quote(os.environ[n])}\n" for n in CLIENT_ENV if os.environ.get(n)]
-        path.write_text("".join(lines))
-        return path
+        return write_private(self.dev_dir / "env", "".join(lines))  # it holds the Cloud Run server's token
 
     def supervise(self, interval: float = 0.5) -> None:
         """Restart children that die unexpectedly (and, with reload, when the user's files change) until stop()."""
@@ -335,6 +381,13 @@ class Stack:
             except subprocess.TimeoutExpired:
                 child.signal(signal.SIGKILL)
                 child.proc.wait(10)
+
+
+def job_settings(environ: dict[str, str]) -> dict[str, str]:
+    """The settings the dev job runs with: the workers' Haulage settings and the emulator's address."""
+    return {name: value for name, value in environ.items()
+            if (name.startswith("HAULAGE_") and not name.startswith(_NOT_JOB_SETTINGS))
+            or name in ("FIRESTORE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}  # fmt: skip
 
 
 def find_emulator_or_fail(why: str) -> None:

@@ -51,12 +51,14 @@ class Child:
     restart_at: float | None = None  #: monotonic time of the pending restart, if one is due
     told_dying: bool = False
     reload_asked: float | None = None  #: monotonic time a reload's SIGTERM was sent
+    umask: int = -1  #: the child's umask (-1: this process's); the stack keeps its own for the dev folder
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         umask=self.umask)  # fmt: skip
         self.started_at = time.monotonic()
         self.restart_at = None
 

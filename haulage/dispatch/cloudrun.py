@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from haulage.dispatch import job_config
 from haulage.errors import CloudRunNotConfigured, CloudRunUnavailable
 from haulage.settings import Settings, get_settings
 
@@ -36,13 +37,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("haulage.dispatch.cloudrun")
 
-# The env overrides an execution gets (besides the CLOUD_RUN_* variables Cloud Run sets).
-ENV_JOB_NAME = "JOB_NAME"
-ENV_RUN_ID = "HAULAGE_RUN_ID"
-ENV_STEP_KEY = "HAULAGE_STEP_KEY"
-ENV_ATTEMPT = "HAULAGE_ATTEMPT"
-#: the job's full resource name, so the container can name its own execution
-ENV_JOB = "HAULAGE_CLOUDRUN_JOB"
+# The env overrides an execution gets (besides the CLOUD_RUN_* variables Cloud Run sets); the job
+# keeps only these of what a caller may override (haulage.dispatch.job_config).
+ENV_JOB_NAME = job_config.ENV_JOB_NAME
+ENV_RUN_ID = job_config.ENV_RUN_ID
+ENV_STEP_KEY = job_config.ENV_STEP_KEY
+ENV_ATTEMPT = job_config.ENV_ATTEMPT
+ENV_JOB = job_config.ENV_JOB
+ENV_SIGNATURE = job_config.ENV_SIGNATURE
 
 #: seconds a failed client initialisation is remembered before trying again
 #: (looking for default credentials can take seconds off Google Cloud)
@@ -143,8 +145,14 @@ class CloudRunJobs:
                 from google.cloud.run_v2.services.executions.transports import ExecutionsGrpcTransport
                 from google.cloud.run_v2.services.jobs.transports import JobsGrpcTransport
 
-                # A local server speaks plain gRPC; one channel serves both clients.
+                from haulage.dispatch.bearer import BearerToken
+
+                # A local server speaks plain gRPC on loopback; one channel serves both clients. It
+                # wants the bearer token it was started with on every call (any local process could
+                # otherwise start executions).
                 channel = grpc.insecure_channel(s.cloudrun_endpoint, options=LOCAL_CHANNEL_OPTIONS)
+                if s.cloudrun_token:
+                    channel = grpc.intercept_channel(channel, BearerToken(s.cloudrun_token))
                 jobs = run_v2.JobsClient(transport=JobsGrpcTransport(channel=channel))
                 executions = run_v2.ExecutionsClient(transport=ExecutionsGrpcTransport(channel=channel))
             else:
@@ -167,8 +175,11 @@ class CloudRunJobs:
             raise CloudRunNotConfigured(self.unconfigured or "Cloud Run is not configured")
         return self.job
 
-    def run_job(self, *, step_name: str, run_id: str, step_key: str, attempt: int, timeout: float) -> str:
+    def run_job(self, *, step_name: str, run_id: str, step_key: str, attempt: int, timeout: float,
+                signature: str) -> str:  # fmt: skip
         """Start one execution of the job for one attempt of one step; return the execution's name.
+
+        ``signature`` is the hand-off's (:func:`haulage.dispatch.handoff.sign`): the job runs nothing without it.
 
         Raises the google.api_core exception of a failed call (the execution may
         still have been created when that is DeadlineExceeded: see ``find_execution``).
@@ -177,7 +188,7 @@ class CloudRunJobs:
 
         job = self.require_job()
         env = {ENV_JOB_NAME: step_name, ENV_RUN_ID: run_id, ENV_STEP_KEY: step_key, ENV_ATTEMPT: str(attempt),
-               ENV_JOB: job}  # fmt: skip
+               ENV_JOB: job, ENV_SIGNATURE: signature}  # fmt: skip
         overrides = run_v2.RunJobRequest.Overrides(
             container_overrides=[
                 run_v2.RunJobRequest.Overrides.ContainerOverride(

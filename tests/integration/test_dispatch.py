@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,9 @@ from google.cloud import run_v2
 
 from haulage.devtools.local_cloudrun import Faults, LocalCloudRun, make_clients
 from haulage.devtools.redis_server import free_port
+from haulage.devtools.stack import job_settings
 from haulage.dispatch.cloudrun import env_of, job_name, reset_cloudrun
+from haulage.dispatch.job_config import CONFIG_ENV, write_job_config, write_key_file
 from haulage.errors import CloudRunNotConfigured, ConfigError
 from haulage.progress import get_store
 from haulage.progress.models import RunStatus, StepRecord, StepStatus
@@ -42,12 +45,19 @@ JOB = "projects/haulage-test/locations/local/jobs/haulage-step"
 SLEEPER = "projects/haulage-test/locations/local/jobs/sleeper"
 
 
+#: the bearer token of the module's local Cloud Run server, and the hand-off key (0600) its job shares
+TOKEN = "dispatch-test-token-0123456789"
+KEY_FILE = write_key_file(Path(tempfile.mkdtemp(prefix="haulage-dispatch-keys-")) / "handoff-key")
+
+
 def cloud_env(address: str, **extra: str) -> dict[str, str]:
     """The environment of a worker that drives Cloud Run executions on ``address``."""
     return {
         "HAULAGE_MODULES": MODULES,
         "HAULAGE_DISPATCH_MODE": "cloudrun",
         "HAULAGE_CLOUDRUN_ENDPOINT": address,
+        "HAULAGE_CLOUDRUN_TOKEN": TOKEN,
+        "HAULAGE_HANDOFF_KEY_FILE": str(KEY_FILE),
         "HAULAGE_CLOUDRUN_JOB": JOB,
         "HAULAGE_CLOUDRUN_POLL_INTERVAL": "0.2",
         "HAULAGE_CLOUDRUN_CALL_TIMEOUT": "2",
@@ -58,8 +68,12 @@ def cloud_env(address: str, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cloudrun(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloudRun]:
+    # As `haulage dev` sets its job up: settings and the project's folder from a config file, not the env.
+    config = write_job_config(tmp_path_factory.mktemp("job") / "config.json", settings=job_settings(dict(os.environ)),
+                              python_path=[str(ROOT)], handoff_key_file=KEY_FILE)  # fmt: skip
     server = LocalCloudRun(jobs={"haulage-step": None, "sleeper": ["sleep", "30"]}, cwd=ROOT, cancel_grace=2,
-                           log_dir=tmp_path_factory.mktemp("cloudrun-logs"))  # fmt: skip
+                           log_dir=tmp_path_factory.mktemp("cloudrun-logs"), token=TOKEN,
+                           task_env={CONFIG_ENV: str(config)})  # fmt: skip
     server.start(port=0)
     yield server
     server.stop()
@@ -179,13 +193,15 @@ def test_step_dispatch_option_is_checked() -> None:
         step(dispatch="gcp")(lambda ctx: None)
 
 
-def test_job_entrypoint_says_what_is_missing(redis_server: str) -> None:
+def test_job_entrypoint_says_what_is_missing(redis_server: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOB_NAME", "HAULAGE_RUN", "HAULAGE_STEP"))}
     done = subprocess.run([sys.executable, "-m", "haulage.dispatch.job"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert done.returncode == 1
     assert "missing environment variable(s) JOB_NAME, HAULAGE_RUN_ID, HAULAGE_STEP_KEY, HAULAGE_ATTEMPT" in done.stderr
     env.update(JOB_NAME="cr_probe", HAULAGE_RUN_ID="nope", HAULAGE_STEP_KEY="0:cr_probe", HAULAGE_ATTEMPT="1")
+    env[CONFIG_ENV] = str(write_job_config(tmp_path / "config.json", settings=job_settings(env),
+                                           python_path=[str(ROOT)], handoff_key_file=KEY_FILE))  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "haulage.dispatch.job"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert done.returncode == 1 and "no message stored for step 0:cr_probe of run nope" in done.stderr
@@ -317,7 +333,10 @@ def test_fallback_when_the_server_is_down_or_not_configured(worker: WorkerProces
     # Not configured; then configured for Google's API but without usable credentials.
     for env, reason in ((cloud_env("", HAULAGE_CLOUDRUN_JOB=""), "HAULAGE_CLOUDRUN_JOB is not set"),
                         (cloud_env("", GOOGLE_APPLICATION_CREDENTIALS=str(ROOT / "no-such-credentials.json")),
-                         "cannot create the Cloud Run client for the Cloud Run API")):  # fmt: skip
+                         "cannot create the Cloud Run client for the Cloud Run API"),
+                        # No key, no unsigned execution: the job would refuse it anyway.
+                        (cloud_env(f"127.0.0.1:{free_port()}", HAULAGE_HANDOFF_KEY_FILE=str(ROOT / "no-such-key")),
+                         "cannot sign the hand-off: cannot read the hand-off key file")):  # fmt: skip
         other = make_worker(queues="dt_down", concurrency=1, extra_env=env)
         other.start()
         run, _ = timed_run("dt_one", step="down_probe", value=3)
@@ -405,7 +424,7 @@ def test_cancel_executions_cancels_recorded_running_executions(cloudrun: LocalCl
     from haulage.dispatch.driver import cancel_executions
     from haulage.progress.models import RunRecord
 
-    jobs, executions = make_clients(cloudrun.address)
+    jobs, executions = make_clients(cloudrun.address, TOKEN)
     name = jobs.run_job(name=SLEEPER, timeout=5).metadata.name
     jobs.transport.close()
     run_id = f"cancel-{time.time_ns()}"
@@ -413,7 +432,7 @@ def test_cancel_executions_cancels_recorded_running_executions(cloudrun: LocalCl
     store.create_run(RunRecord(id=run_id, workflow="dt_one"))
     store.put_step(run_id, StepRecord("0:a", "a", StepStatus.RUNNING, backend="cloudrun", execution=name))
     store.put_step(run_id, StepRecord("0:b", "b", StepStatus.COMPLETE, backend="cloudrun", execution=name + "x"))
-    settings_env(HAULAGE_CLOUDRUN_ENDPOINT=cloudrun.address)
+    settings_env(HAULAGE_CLOUDRUN_ENDPOINT=cloudrun.address, HAULAGE_CLOUDRUN_TOKEN=TOKEN)
     assert cancel_executions(run_id) == [name]
     wait_until(lambda: [e for e in cloudrun.executions() if e.name == name and e.completion_time], timeout=10,
                what="the execution cancelled")  # fmt: skip

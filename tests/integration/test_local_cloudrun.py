@@ -101,10 +101,11 @@ class Harness:
         options.setdefault("jobs", ["step"])
         options.setdefault("log_dir", self.tmp_path / "logs")
         options.setdefault("cancel_grace", 0.5)
+        options.setdefault("allowed_env", None)  # these tests use the server as a generic Cloud Run fake
         server = LocalCloudRun(**options)
         self.servers.append(server)
         server.start(port=0)
-        jobs, executions = make_clients(server.address)
+        jobs, executions = make_clients(server.address, server.token)
         self.channels.append(jobs)
         return server, jobs, executions
 
@@ -537,6 +538,9 @@ def test_bad_settings_name_the_field() -> None:
 # --------------------------------------------------------------------------- as a program
 
 
+CLI_TOKEN = "cli-token-0123456789abcdef"
+
+
 def test_command_line_server_serves_obeys_faults_file_and_stops_on_sigterm(
     script: Path, out_dir: Path, tmp_path: Path
 ) -> None:
@@ -559,7 +563,9 @@ def test_command_line_server_serves_obeys_faults_file_and_stops_on_sigterm(
                 str(faults_file),
                 "--cancel-grace",
                 "0.5",
+                "--any-env",
             ],
+            env={**os.environ, "HAULAGE_CLOUDRUN_TOKEN": CLI_TOKEN},
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -580,7 +586,7 @@ def test_command_line_server_serves_obeys_faults_file_and_stops_on_sigterm(
         first = lines.get(timeout=20)
         match = re.search(r"listening on (127\.0\.0\.1:\d+)", first)
         assert match, first
-        jobs, _ = make_clients(match.group(1))
+        jobs, _ = make_clients(match.group(1), CLI_TOKEN)
         harness = Harness(script, out_dir, tmp_path)
 
         assert harness.run(jobs).result(timeout=10, polling=FAST_POLLING).succeeded_count == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -44,14 +45,20 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+#: Flower refuses to start without auth (haulage flower); its API wants these credentials
+FLOWER_AUTH = "ops:flower-test-password"
+
+
 def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback only
+    basic = base64.b64encode(FLOWER_AUTH.encode()).decode()
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {basic}"})
+    with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 - loopback only
         return resp.read().decode()
 
 
 def test_flower_lists_steps_with_run_ids(worker: WorkerProcess, tmp_path: Path) -> None:
     port = free_port()
-    flower = spawn(["flower", "--port", str(port)], tmp_path / "flower.log", FLOWER_UNAUTHENTICATED_API="true")
+    flower = spawn(["flower", "--port", str(port)], tmp_path / "flower.log", HAULAGE_FLOWER_BASIC_AUTH=FLOWER_AUTH)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _ok(f"{base}/healthcheck"), timeout=30, what="flower to answer")

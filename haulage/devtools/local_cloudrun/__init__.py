@@ -11,7 +11,7 @@ It implements the methods that code calls (``services``):
   operation future polls on the same channel.
 
 Each ``RunJob`` creates an execution (``executions``) whose tasks run as
-subprocesses of a configurable command (default ``python -m haulage.dispatch.job``),
+subprocesses of a configurable command (default ``python -I -m haulage.dispatch.job``),
 each in its own process group, with the environment Cloud Run gives a task
 container (``runner``). Task output goes to one log file per attempt, under the
 folder named by the execution's ``log_uri``.
@@ -29,7 +29,7 @@ Example::
 
     server = LocalCloudRun(command=[sys.executable, "-m", "haulage.dispatch.job"])
     server.start(port=0)
-    jobs, executions = make_clients(server.address)
+    jobs, executions = make_clients(server.address, server.token)
     operation = jobs.run_job(name="projects/p/locations/l/jobs/step")
     execution_name = operation.metadata.name   # available at once
     execution = executions.get_execution(name=execution_name)
@@ -37,7 +37,7 @@ Example::
 
 Command line::
 
-    python -m haulage.devtools.local_cloudrun --port 8123 --job haulage-step
+    HAULAGE_CLOUDRUN_TOKEN=... python -m haulage.devtools.local_cloudrun --port 8123 --job haulage-step
 """
 
 from __future__ import annotations
@@ -46,7 +46,12 @@ from haulage.devtools.local_cloudrun.cli import main
 from haulage.devtools.local_cloudrun.clients import make_clients
 from haulage.devtools.local_cloudrun.faults import Faults
 from haulage.devtools.local_cloudrun.operations import FAILED_EXECUTION_CODE
-from haulage.devtools.local_cloudrun.options import DEFAULT_CANCEL_GRACE, DEFAULT_COMMAND, DEFAULT_HOST
+from haulage.devtools.local_cloudrun.options import (
+    DEFAULT_CANCEL_GRACE,
+    DEFAULT_COMMAND,
+    DEFAULT_HOST,
+    DOCUMENTED_OVERRIDES,
+)
 from haulage.devtools.local_cloudrun.server import LocalCloudRun
 
 __all__ = [
@@ -59,6 +64,7 @@ __all__ = [
     "DEFAULT_COMMAND",
     "DEFAULT_HOST",
     "FAILED_EXECUTION_CODE",
+    "DOCUMENTED_OVERRIDES",
     # the command line
     "main",
 ]

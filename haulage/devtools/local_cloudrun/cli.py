@@ -1,17 +1,30 @@
-"""``python -m haulage.devtools.local_cloudrun``: serve in the foreground until SIGINT or SIGTERM."""
+"""``python -m haulage.devtools.local_cloudrun``: serve in the foreground until SIGINT or SIGTERM.
+
+The bearer token comes from HAULAGE_CLOUDRUN_TOKEN (``haulage dev`` makes a new
+one per start and gives the workers the same).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import signal
 import threading
 from collections.abc import Sequence
 
-from haulage.devtools.local_cloudrun.options import DEFAULT_CANCEL_GRACE, DEFAULT_COMMAND, DEFAULT_HOST
+from haulage.devtools.local_cloudrun.options import (
+    DEFAULT_CANCEL_GRACE,
+    DEFAULT_COMMAND,
+    DEFAULT_HOST,
+    DOCUMENTED_OVERRIDES,
+)
 from haulage.devtools.local_cloudrun.protocol import LOGGER
 from haulage.devtools.local_cloudrun.server import LocalCloudRun
+
+#: the bearer token the server wants on every call; the dispatcher sends the same variable's value
+TOKEN_ENV = "HAULAGE_CLOUDRUN_TOKEN"
 
 
 def _job_option(value: str) -> tuple[str, tuple[str, ...] | None]:
@@ -42,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-dir", default=None, help="folder for task logs (default: a new temporary folder)")
     parser.add_argument("--faults-file", default=None, help="JSON faults, re-read on every call")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--any-env", action="store_true",
+                        help="accept any env override and args (a generic Cloud Run fake); by default only the "
+                             "overrides Haulage's dispatcher sends")  # fmt: skip
     return parser
 
 
@@ -49,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Serve in the foreground until SIGINT or SIGTERM; return the exit status."""
     parser = build_parser()
     options = parser.parse_args(argv)
+    # From the environment, not a flag: any local user can read a process's command line.
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        parser.error(f"{TOKEN_ENV} must hold the bearer token clients will send (e.g. "
+                     "python -c 'import secrets; print(secrets.token_urlsafe(24))')")  # fmt: skip
     logging.basicConfig(level=options.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server = LocalCloudRun(
@@ -60,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cancel_grace=options.cancel_grace,
             log_dir=options.log_dir,
             faults_file=options.faults_file,
+            token=token,
+            allowed_env=None if options.any_env else DOCUMENTED_OVERRIDES,
         )
     except ValueError as exc:
         parser.error(str(exc))

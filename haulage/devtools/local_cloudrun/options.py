@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "haulage.dispatch.job")
+from haulage.dispatch.job_config import OVERRIDES
+
+#: ``-I``: the job ignores PYTHON* variables and the current folder (see haulage.dispatch.job)
+DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-I", "-m", "haulage.dispatch.job")
+#: the env overrides a request may carry by default: the ones Haulage's dispatcher sends
+DOCUMENTED_OVERRIDES: frozenset[str] = OVERRIDES
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CANCEL_GRACE = 3.0  #: seconds between SIGTERM and SIGKILL of a task's process group
 DEFAULT_RPC_WORKERS = 16  #: gRPC handler threads; RunJob delays hold one each
+MIN_TOKEN_LENGTH = 16  #: characters of a bearer token
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,9 @@ class ServerOptions:
     log_dir: Path
     cwd: Path | None
     rpc_workers: int
+    token: str  #: the bearer token every call must carry
+    task_env: dict[str, str]  #: what every task gets, as a job's template env (overrides win)
+    allowed_env: frozenset[str] | None  #: env override names a request may set (None: any, and args too)
 
     @classmethod
     def build(
@@ -42,6 +52,9 @@ class ServerOptions:
         log_dir: str | os.PathLike[str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         rpc_workers: int = DEFAULT_RPC_WORKERS,
+        token: str | None = None,
+        allowed_env: Iterable[str] | None = DOCUMENTED_OVERRIDES,
+        task_env: Mapping[str, str] | None = None,
     ) -> ServerOptions:
         """Check every option (ValueError naming the option and the value) and fill in the defaults."""
         if command is not None and (isinstance(command, str) or not command):
@@ -56,6 +69,10 @@ class ServerOptions:
             raise ValueError(f"cancel_grace must be a number of seconds >= 0, got {cancel_grace!r}")
         if rpc_workers < 1:
             raise ValueError(f"rpc_workers must be an integer >= 1, got {rpc_workers!r}")
+        if token is not None and len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"token must be at least {MIN_TOKEN_LENGTH} characters, got {len(token)}")
+        if isinstance(allowed_env, str):
+            raise TypeError(f"allowed_env must be a collection of names, not the string {allowed_env!r}")
         return cls(
             command=tuple(command) if command is not None else DEFAULT_COMMAND,
             jobs=_parse_jobs(jobs),
@@ -68,6 +85,10 @@ class ServerOptions:
             ),
             cwd=Path(cwd) if cwd is not None else None,
             rpc_workers=rpc_workers,
+            # Random when not given: any local process could otherwise start executions (run commands).
+            token=token if token is not None else secrets.token_urlsafe(24),
+            allowed_env=frozenset(allowed_env) if allowed_env is not None else None,
+            task_env=dict(task_env or {}),
         )
 
     def command_for(self, job_id: str) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 
 from haulage.devtools.local_cloudrun.executions import ExecutionRecord, ExecutionTable
@@ -89,7 +90,8 @@ class ExecutionRunner:
     """Runs one execution's tasks to the end on its own thread, publishing counts and the outcome."""
 
     def __init__(self, record: ExecutionRecord, table: ExecutionTable, *, cancel_grace: float,
-                 cwd: Path | None) -> None:  # fmt: skip
+                 cwd: Path | None, task_env: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        self.task_env = dict(task_env or {})
         self.record = record
         self.table = table
         self.cancel_grace = cancel_grace
@@ -181,7 +183,7 @@ class ExecutionRunner:
             if index in record.fail_indexes:
                 log.write(b"local-cloudrun: injected fault: this task fails without running its command\n")
                 return Attempt(index, attempt, log_path, None, None, exit_code=1, failure="injected fault")
-            env = {**os.environ, **record.env}
+            env = {**os.environ, **self.task_env, **record.env}
             # Cloud Run reserves these names, so they win over any override.
             env.update(
                 CLOUD_RUN_JOB=record.job_id,

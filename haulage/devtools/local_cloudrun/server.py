@@ -20,6 +20,7 @@ from haulage.devtools.local_cloudrun.options import (
     DEFAULT_CANCEL_GRACE,
     DEFAULT_HOST,
     DEFAULT_RPC_WORKERS,
+    DOCUMENTED_OVERRIDES,
     ServerOptions,
 )
 from haulage.devtools.local_cloudrun.protocol import LOGGER
@@ -38,11 +39,20 @@ class LocalCloudRun:
     ``cancel_grace`` is the time between SIGTERM and SIGKILL. Task logs go to
     ``log_dir`` (default: a new temporary folder, kept after stop).
 
+    Every call must carry ``authorization: Bearer <token>`` (``token``, random
+    when not given: read it back as ``server.token``), because whoever can start
+    an execution runs its command. ``allowed_env`` names the env overrides a
+    request may set, by default only those Haulage's dispatcher sends
+    (``DOCUMENTED_OVERRIDES``); a request with any other, or with args, is refused.
+    ``allowed_env=None`` accepts any, as a generic Cloud Run fake. ``task_env``
+    is what every task gets besides this process's environment, as a job's
+    template env (for Haulage's job: ``HAULAGE_JOB_CONFIG_FILE``).
+
     Example::
 
         with LocalCloudRun(command=["python", "job.py"], jobs=["step"]) as server:
             server.start(port=0)
-            jobs_client, executions_client = make_clients(server.address)
+            jobs_client, executions_client = make_clients(server.address, server.token)
     """
 
     def __init__(
@@ -59,10 +69,14 @@ class LocalCloudRun:
         faults_file: str | os.PathLike[str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         rpc_workers: int = DEFAULT_RPC_WORKERS,
+        token: str | None = None,
+        allowed_env: Iterable[str] | None = DOCUMENTED_OVERRIDES,
+        task_env: Mapping[str, str] | None = None,
     ) -> None:
         self.options = ServerOptions.build(
             command, jobs=jobs, parallelism=parallelism, max_retries=max_retries, task_timeout=task_timeout,
-            cancel_grace=cancel_grace, log_dir=log_dir, cwd=cwd, rpc_workers=rpc_workers,
+            cancel_grace=cancel_grace, log_dir=log_dir, cwd=cwd, rpc_workers=rpc_workers, token=token,
+            allowed_env=allowed_env, task_env=task_env,
         )  # fmt: skip
         self.faults = faults if faults is not None else Faults()
         self.faults_file = Path(faults_file) if faults_file is not None else None
@@ -78,6 +92,11 @@ class LocalCloudRun:
     def log_dir(self) -> Path:
         """The folder of task logs: one subfolder per execution, one file per task attempt."""
         return self.options.log_dir
+
+    @property
+    def token(self) -> str:
+        """The bearer token clients must send (``make_clients(server.address, server.token)``)."""
+        return self.options.token
 
     @property
     def address(self) -> str:

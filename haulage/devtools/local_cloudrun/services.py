@@ -7,6 +7,7 @@ client's operation future polls on the same channel.
 
 from __future__ import annotations
 
+import hmac
 import threading
 import uuid
 from collections import Counter
@@ -107,6 +108,7 @@ class CloudRunServices:
             with self.table.lock:
                 self.call_counts[method] += 1
             try:
+                self._authenticate(context)
                 return handler(request)
             except Abort as abort:
                 LOGGER.debug("%s answers %s: %s", method, abort.code.name, abort.message)
@@ -233,6 +235,28 @@ class CloudRunServices:
 
     # ------------------------------------------------------------------ helpers
 
+    def _authenticate(self, context: grpc.ServicerContext) -> None:
+        """The call carries ``authorization: Bearer <the server's token>``, or it is refused (UNAUTHENTICATED)."""
+        sent = dict(context.invocation_metadata()).get("authorization", "")
+        scheme, _, token = str(sent).partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.options.token.encode()):
+            raise Abort(grpc.StatusCode.UNAUTHENTICATED,
+                        "the local Cloud Run server wants 'authorization: Bearer <token>' with the token it was "
+                        "started with (HAULAGE_CLOUDRUN_TOKEN)")  # fmt: skip
+
+    def _check_overrides(self, env: dict[str, str], args: list[str]) -> None:
+        """Only the documented env overrides, and no args, when the server was told which are documented."""
+        allowed = self.options.allowed_env
+        if allowed is None:
+            return
+        unknown = sorted(set(env) - allowed)
+        if unknown:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"env override(s) {', '.join(unknown)} are not accepted; this server takes only "
+                        f"{', '.join(sorted(allowed))}")  # fmt: skip
+        if args:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "args overrides are not accepted by this server")
+
     def _known_job(self, name: str) -> tuple[str, str, str]:
         match = JOB_RE.match(name)
         if not match:
@@ -266,6 +290,7 @@ class CloudRunServices:
             container = overrides.container_overrides[0]
             env = {var.name: var.value for var in container.env}
             args = list(container.args)
+        self._check_overrides(env, args)
         if overrides.task_count < 0:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"task_count must be >= 0, got {overrides.task_count}")
         task_count = overrides.task_count or 1
@@ -327,7 +352,8 @@ class CloudRunServices:
             )  # fmt: skip
             record.operation_name = table.new_operation(record, OperationKind.RUN)
             table.records[name] = record
-            runner = ExecutionRunner(record, table, cancel_grace=options.cancel_grace, cwd=options.cwd)
+            runner = ExecutionRunner(record, table, cancel_grace=options.cancel_grace, cwd=options.cwd,
+                                    task_env=options.task_env)  # fmt: skip
             record.thread = threading.Thread(target=runner.run, name=f"local-cloudrun-{short_id}", daemon=True)
             # Started under the lock so stop() never sees an unstarted thread.
             record.thread.start()
