@@ -23,6 +23,7 @@ from haulage.api.errors import BadRequest, HttpError, Unprocessable, error_respo
 from haulage.api.guard import RequestGuard
 from haulage.api.openapi import build_openapi
 from haulage.api.settings import ApiSettings
+from haulage.api.streams import StreamLimits
 from haulage.errors import ConfigError, HaulageError, UnknownWorkflow
 from haulage.workflows import Workflow, registry
 
@@ -53,8 +54,14 @@ def create_app(
         authenticator=authenticator or build_authenticator(settings),
         authorizer=authorizer or (load_authorizer(settings.authorizer) if settings.authorizer else default_authorizer),
         workflows=_exposed(settings),
+        streams=StreamLimits(settings.max_streams_per_user),
     )
-    app = FastAPI(title="Haulage", version="1", description=DESCRIPTION)
+    # The docs pages pull Swagger UI / ReDoc from a CDN onto the origin whose storage holds the
+    # token: off unless asked for (on by default in dev mode). The document itself is always at
+    # /v1/openapi.json, behind the token like the workflow list it describes.
+    docs = settings.docs_enabled
+    app = FastAPI(title="Haulage", version="1", description=DESCRIPTION, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)  # fmt: skip
     app.state.haulage = ctx
     _install_error_handlers(app)
     app.include_router(routes.router)
@@ -62,11 +69,13 @@ def create_app(
     app.include_router(health.router)
     page.install(app)
     app.add_middleware(RequestGuard, authenticator=ctx.authenticator, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(page.SecurityHeaders)  # outside the guard: its refusals carry the headers too
     if settings.cors_origins:
         # Added last, so it is outermost: preflight requests carry no token and are answered here.
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)  # fmt: skip
     app.openapi = lambda: build_openapi(app, ctx)  # type: ignore[method-assign]
+
     if ctx.authenticator.mode == "none":
         log.warning("HAULAGE_API_AUTH is not set: every /v1 call will be refused (401)")
     log.info("haulage api: auth=%s, workflows=%s", ctx.authenticator.mode, ", ".join(ctx.workflows) or "none")

@@ -55,6 +55,12 @@ class User:
     roles: Mapping[str, str] = field(default_factory=dict)  #: project id -> role ("owner", "editor", "viewer")
     claims: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def expires_at(self) -> float | None:
+        """Unix time the credentials expire (a token's ``exp``); None for ones that do not (the dev token)."""
+        exp = self.claims.get("exp")
+        return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
     @classmethod
     def from_claims(cls, claims: Mapping[str, Any]) -> User:
         roles = claims.get(ROLES_CLAIM)
@@ -92,14 +98,18 @@ class DevTokenAuthenticator:
 
     mode = "dev"
 
-    def __init__(self, token: str, user: str = "dev", admin: bool = True) -> None:
+    def __init__(self, token: str, user: str = "dev", admin: bool = True, expires: float = 0.0) -> None:
         self._token = token.encode()
-        self._user = User(id=user, email=None, admin=admin, claims={"sub": user, "dev": True})
+        self._expires = expires  #: Unix time the token stops working (HAULAGE_API_DEV_TOKEN_EXPIRES); 0 never
+        claims: dict[str, Any] = {"sub": user, "dev": True, **({"exp": expires} if expires else {})}
+        self._user = User(id=user, email=None, admin=admin, claims=claims)
 
     def authenticate(self, token: str) -> User:
         # Constant-time comparison: the token is the only secret in this mode.
         if not hmac.compare_digest(token.encode(), self._token):
             raise Unauthenticated("invalid token")
+        if self._expires and time.time() >= self._expires:
+            raise Unauthenticated("the development token has expired; `haulage dev` prints a new one when restarted")
         return self._user
 
 
@@ -163,13 +173,46 @@ class FirebaseAuthenticator:
         except google_exceptions.TransportError as exc:
             log.warning("cannot fetch the Firebase certificates: %s", exc)
             raise ServiceUnavailable("cannot verify the token now: the issuer's certificates are unreachable") from exc
-        except (ValueError, google_exceptions.GoogleAuthError) as exc:
-            # google-auth's messages say what is wrong (expired, wrong audience, bad signature).
-            raise Unauthenticated(f"invalid ID token: {exc}") from None
-        provider = (claims.get("firebase") or {}).get("sign_in_provider")
+        except (ValueError, TypeError, KeyError, AttributeError, google_exceptions.GoogleAuthError) as exc:
+            # google-auth's messages name the expected audience and issuer: they go to the log, and
+            # the caller learns only which check failed. A well-signed token with claims of the wrong
+            # type (exp as a string) makes google-auth raise TypeError: still the caller's token.
+            log.info("refused an ID token: %s: %s", type(exc).__name__, exc)
+            raise Unauthenticated(f"invalid ID token ({_reason(str(exc))})") from None
+        problem = _claims_problem(claims)
+        if problem:
+            log.info("refused an ID token: %s", problem)
+            raise Unauthenticated(f"invalid ID token ({problem})")
+        provider = claims.get("firebase", {}).get("sign_in_provider")
         if provider == "anonymous" and not self._allow_anonymous:
             raise Unauthenticated("anonymous Firebase sign-ins are not accepted")
         return User.from_claims(claims)
+
+
+#: google-auth message fragments -> the check a caller is told failed
+_REASONS = (("expired", "expired"), ("too late", "expired"), ("too early", "not yet valid"),
+            ("audience", "wrong audience"), ("issuer", "wrong issuer"), ("signature", "bad signature"),
+            ("certificate", "bad signature"))  # fmt: skip
+
+
+def _reason(message: str) -> str:
+    lowered = message.lower()
+    return next((reason for fragment, reason in _REASONS if fragment in lowered), "malformed")
+
+
+def _claims_problem(claims: Any) -> str | None:
+    """Why a verified token's claims are unusable (types google-auth does not check), or None."""
+    if not isinstance(claims, dict):
+        return "malformed claims"
+    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+        return "malformed sub claim"
+    for name in ("iat", "exp"):
+        value = claims.get(name)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return f"malformed {name} claim"
+    if not isinstance(claims.get("firebase", {}), dict):
+        return "malformed firebase claim"
+    return None
 
 
 def build_authenticator(settings: ApiSettings) -> Authenticator:
@@ -177,7 +220,8 @@ def build_authenticator(settings: ApiSettings) -> Authenticator:
     if settings.auth == "firebase":
         return FirebaseAuthenticator(settings.firebase_project, certs_url=settings.firebase_certs_url)
     if settings.auth == "dev":
-        return DevTokenAuthenticator(settings.dev_token, settings.dev_user, settings.dev_admin)
+        return DevTokenAuthenticator(settings.dev_token, settings.dev_user, settings.dev_admin,
+                                     settings.dev_token_expires)  # fmt: skip
     return RefuseAll()
 
 

@@ -13,14 +13,18 @@ from haulage.api.auth import Authenticator, User
 from haulage.api.authz import Authorizer, can_see
 from haulage.api.errors import Unauthenticated
 from haulage.api.guard import USER_KEY
+from haulage.api.models import API_KEY_PREFIX
 from haulage.api.settings import ApiSettings
+from haulage.api.streams import StreamLimits
 from haulage.errors import RunNotFound, UnknownWorkflow
+from haulage.workflows import RUN_ID_PATTERN as _RUN_ID
 from haulage.workflows import Run, RunRecord, Workflow
 
 # Declares the scheme in the OpenAPI document; the RequestGuard has already checked the token.
 _bearer = HTTPBearer(auto_error=False, description="a Firebase ID token, or the development token")
 
-RUN_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+#: a run id is the hex of a UUID; anything else is refused (422) before any store sees it
+RUN_ID_PATTERN = f"^{_RUN_ID}$"
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class ApiContext:
     authenticator: Authenticator
     authorizer: Authorizer
     workflows: dict[str, Workflow]  #: the workflows exposed over HTTP, by name
+    streams: StreamLimits  #: open event streams per user (HAULAGE_API_MAX_STREAMS_PER_USER)
 
     def workflow(self, name: str) -> Workflow:
         try:
@@ -63,8 +68,12 @@ def visible_run(
 
 
 def scoped_key(user: User, key: str | None) -> str | None:
-    """Idempotency keys are per user: two users choosing the same key must not share (or probe) a run."""
-    return None if key is None else f"{quote(user.id, safe='')}:{key}"
+    """Idempotency keys are per user, and in a namespace of their own.
+
+    Two users choosing the same key must not share (or probe) a run, and no
+    caller over HTTP can name an internal key (a schedule tick, a follow-up).
+    """
+    return None if key is None else f"{API_KEY_PREFIX}{quote(user.id, safe='')}:{key}"
 
 
 Context = Annotated[ApiContext, Depends(get_context)]

@@ -22,6 +22,7 @@ from haulage.errors import (
     IdempotencyConflict,
     InvalidParams,
     ModuleLoadError,
+    ParamsTooLarge,
     PlanError,
     RunCancelled,
     RunNotFinished,
@@ -81,6 +82,12 @@ class Unprocessable(ApiError):
     status = 422
 
 
+class TooManyRequests(ApiError):
+    """Raised when a user holds more event streams than HAULAGE_API_MAX_STREAMS_PER_USER."""
+
+    status = 429
+
+
 class HttpError(ApiError):
     """Raised for routing errors (unknown path, method not allowed) with the router's status."""
 
@@ -97,6 +104,7 @@ class ServiceUnavailable(ApiError):
 
 # Engine errors -> HTTP. Looked up along the class's MRO, so subclasses inherit their parent's code.
 _ENGINE_STATUS: dict[type[BaseException], int] = {
+    ParamsTooLarge: 413,
     InvalidParams: 422,
     UnknownWorkflow: 404,
     RunNotFound: 404,
@@ -110,6 +118,12 @@ _ENGINE_STATUS: dict[type[BaseException], int] = {
     PlanError: 500,
     ConfigError: 500,
     ModuleLoadError: 500,
+}
+
+
+_UNAVAILABLE: dict[type[BaseException], str] = {
+    BrokerUnavailable: "the task broker is unavailable; retry later",
+    StoreUnavailable: "the run store is unavailable; retry later",
 }
 
 
@@ -160,6 +174,10 @@ def error_response(exc: BaseException) -> JSONResponse:
             message = str(exc)
     elif isinstance(exc, RedisError):
         message = "the run store (Redis) is unavailable; retry later"
+    elif isinstance(exc, BrokerUnavailable | StoreUnavailable):
+        # Their messages name hosts and ports: those stay in the log.
+        log.warning("request failed: %s: %s", type(exc).__name__, exc)
+        message = _UNAVAILABLE[BrokerUnavailable if isinstance(exc, BrokerUnavailable) else StoreUnavailable]
     else:
         message = str(exc)
     body: dict[str, Any] = {"type": type(exc).__name__, "message": message}
@@ -169,6 +187,6 @@ def error_response(exc: BaseException) -> JSONResponse:
     headers = {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="haulage"'
-    if status == 503:
+    if status in (429, 503):
         headers["Retry-After"] = "5"
     return JSONResponse({"error": body}, status_code=status, headers=headers)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from itertools import accumulate
 from typing import Any
 
 import anyio.to_thread
@@ -17,21 +19,42 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from haulage.api.auth import Authenticator, bearer_token
-from haulage.api.errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType, error_response
+from haulage.api.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, UnsupportedMediaType, error_response
+from haulage.workflows.workflow import RESERVED_CREATORS
 
 log = logging.getLogger("haulage.api")
 
 PROTECTED_PREFIX = "/v1/"
 USER_KEY = "haulage_user"  #: where the authenticated User is kept in the request state
+#: deepest nesting of arrays and objects a body may have; deeper ones get 400 (parsers recurse per level)
+MAX_JSON_DEPTH = 64
 
 
 class _ClientGone(Exception):
     """The client disconnected while sending its body."""
 
 
+# Possessive quantifiers: a string with no closing quote must fail in linear time, not backtrack
+# exponentially (this runs before authentication, on the event loop).
+_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
 def _reject_constant(name: str) -> Any:
     # Python's json accepts NaN and Infinity; JSON does not, and the store refuses them later.
     raise ValueError(f"{name} is not valid JSON")
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays and objects nest in ``text``, counted without parsing (so without recursion).
+
+    Strings are removed first (brackets inside them do not count); the rest is
+    summed at C speed, so a 1 MB body costs milliseconds. Run on the raw body
+    before ``json.loads``, whose decoder recurses once per level.
+    """
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
 def _is_json(content_type: str) -> bool:
@@ -69,6 +92,8 @@ class RequestGuard:
         token = bearer_token(Headers(scope=scope).get("authorization"))
         # google-auth is synchronous and may fetch certificates: keep it off the event loop.
         user = await anyio.to_thread.run_sync(self.authenticator.authenticate, token)
+        if user.id in RESERVED_CREATORS:  # the engine's own identities (scheduled runs are theirs)
+            raise Forbidden(f"user id {user.id!r} is reserved for the engine and cannot call the API")
         scope.setdefault("state", {})[USER_KEY] = user
 
     async def _checked_body(self, scope: Scope, receive: Receive) -> Receive:
@@ -91,8 +116,15 @@ class RequestGuard:
         body = await self._read(receive)
         if body:
             try:
-                json.loads(body, parse_constant=_reject_constant)
-            except (ValueError, UnicodeDecodeError) as exc:
+                text = body.decode()
+            except UnicodeDecodeError as exc:
+                raise BadRequest(f"malformed JSON body: {exc}") from None
+            depth = json_depth(text)
+            if depth > MAX_JSON_DEPTH:
+                raise BadRequest(f"request body nests {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
+            try:
+                json.loads(text, parse_constant=_reject_constant)
+            except ValueError as exc:
                 raise BadRequest(f"malformed JSON body: {exc}") from None
         return _replay(body, receive)
 

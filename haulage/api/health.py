@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import anyio.to_thread
-import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from haulage.api.deps import Context
 from haulage.api.models import Health
+from haulage.redis_client import connect
 from haulage.settings import get_settings
+
+log = logging.getLogger("haulage.api")
 
 router = APIRouter()
 
@@ -19,14 +23,16 @@ REDIS_PROBE_TIMEOUT = 2.0
 
 
 def _ping_redis() -> str:
-    client = redis.Redis.from_url(
+    client = connect(
         get_settings().redis_url, socket_timeout=REDIS_PROBE_TIMEOUT, socket_connect_timeout=REDIS_PROBE_TIMEOUT
     )
     try:
         client.ping()
         return "ok"
     except (RedisError, OSError) as exc:
-        return f"unreachable: {exc}"
+        # The address and the reason go to the log; the probe's answer is public.
+        log.warning("readiness: Redis is unreachable: %s", exc)
+        return "unreachable"
     finally:
         client.close()
 

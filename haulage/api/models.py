@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -12,6 +13,8 @@ Tag = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 #: the longest batch the schema admits; HAULAGE_API_MAX_BATCH sets the real cap (the OpenAPI document shows it)
 BATCH_CEILING = 10_000
+#: idempotency keys sent over HTTP are stored as "api:<uid>:<key>", apart from every internal key
+API_KEY_PREFIX = "api:"
 
 
 class _Strict(BaseModel):
@@ -77,23 +80,34 @@ class StepCounts(BaseModel):
     failed: int = 0
 
 
-class RunDocument(BaseModel):
-    """The run document: what a progress bar shows (times are Unix seconds)."""
+class StageOut(BaseModel):
+    """One top-level stage: a step counts 1; a fan-out its item steps (``total`` null until it expands)."""
+
+    name: str
+    kind: str
+    total: int | None = None
+    done: int = 0
+    failed: int = 0
+    progress: float = 0.0
+
+
+class RunSummary(BaseModel):
+    """A run in a listing: the run document without its parameters, history and result (GET the run for those)."""
 
     id: str
     workflow: str
+    schema_version: int = Field(0, alias="schema", description="version of the document's layout (README)")
     status: RunStatus
     percent: float
     message: str
+    stages: list[StageOut] = []
+    settled: bool = False
     created_by: str | None = None
     tags: list[str] = []
-    params: dict[str, Any] = {}
     idempotency_key: str | None = None
     on_failure: str = "collect"
-    history: list[HistoryEvent] = []
     cost: dict[str, ModelCost] = {}
     steps: StepCounts = StepCounts()
-    result: Any = None
     error: str | None = None
     heartbeat: float | None = None
     recoveries: int = 0
@@ -103,15 +117,66 @@ class RunDocument(BaseModel):
     finished_at: float | None = None
 
     @classmethod
+    def from_record(cls, record: RunRecord) -> RunSummary:
+        return cls.model_validate(public_fields(record))
+
+
+class RunDocument(RunSummary):
+    """The run document: what a progress bar shows (times are Unix seconds)."""
+
+    params: dict[str, Any] = {}
+    history: list[HistoryEvent] = []
+    failures: list[FailureOut] = []
+    result: Any = None
+
+    @classmethod
     def from_record(cls, record: RunRecord) -> RunDocument:
-        return cls.model_validate(record.to_dict())  # internal fields (params_hash) are dropped
+        return cls.model_validate(public_fields(record))  # internal fields (params_hash) are dropped
+
+
+def public_fields(record: RunRecord) -> dict[str, Any]:
+    """The record as end users may see it.
+
+    The API's own namespace is taken off the idempotency key, and operator
+    details (full Cloud Run execution names with project and region, server
+    log paths) are cut out of the history and errors: the service log has them.
+    """
+    data = record.to_dict()
+    key = data.get("idempotency_key")
+    if isinstance(key, str) and key.startswith(API_KEY_PREFIX):
+        data["idempotency_key"] = key.split(":", 2)[-1]
+    for event in data.get("history") or []:
+        if isinstance(event, dict) and isinstance(event.get("message"), str):
+            event["message"] = redact(event["message"])
+    if isinstance(data.get("error"), str):
+        data["error"] = redact(data["error"])
+    for failure in data.get("failures") or []:  # the run's list of failed steps, as the result's below
+        if isinstance(failure, dict) and isinstance(failure.get("message"), str):
+            failure["message"] = redact(failure["message"])
+    result = data.get("result")
+    if isinstance(result, dict) and isinstance(result.get("failures"), list):
+        for failure in result["failures"]:
+            if isinstance(failure, dict) and isinstance(failure.get("message"), str):
+                failure["message"] = redact(failure["message"])
+    return data
+
+
+_EXECUTION = re.compile(r"projects/[^/\s]+/locations/[^/\s]+/jobs/[^/\s]+/executions/([A-Za-z0-9_-]+)")
+_LOG_PATH = re.compile(r"\blog(?:_uri)?: ?\S+")
+
+
+def redact(text: str) -> str:
+    """``text`` without full execution names (their last part stays) and log locations."""
+    return _LOG_PATH.sub("log: see the service log", _EXECUTION.sub(r"execution \1", text))
 
 
 class RunPage(BaseModel):
-    runs: list[RunDocument]
+    runs: list[RunSummary]
     limit: int
     offset: int
-    next_offset: int | None = Field(description="pass as offset for the next page; null on the last page")
+    next_offset: int | None = Field(description="pass as offset for the next page; null on the last page "
+                                    "(offsets stop at 10000: page with next_cursor)")  # fmt: skip
+    next_cursor: str | None = Field(None, description="pass as cursor for the next page; null on the last page")
 
 
 class FailureOut(BaseModel):
@@ -119,6 +184,33 @@ class FailureOut(BaseModel):
     error_type: str
     message: str
     step: str | None = None
+    index: int | None = Field(None, description="the fan-out item's index")
+    label: str | None = None
+
+
+class StepOut(BaseModel):
+    """One step document: a fan-out item's row (QUEUED from its expansion), or a chain step."""
+
+    key: str
+    name: str
+    status: str
+    stage: int | None = None
+    index: int | None = None
+    label: str | None = None
+    attempt: int = 1
+    percent: float = 0.0
+    message: str = ""
+    backend: str = "local"
+    error_type: str | None = None
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float | None = None
+
+
+class StepList(BaseModel):
+    run_id: str
+    steps: list[StepOut]
 
 
 class RunResults(BaseModel):

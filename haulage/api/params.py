@@ -42,6 +42,7 @@ def validate_params(wf: Workflow, params: Mapping[str, Any], prefix: str) -> dic
         _, json_params = wf.validate(dict(params))
     except InvalidParams as exc:
         raise InvalidParams(wf.name, _prefixed(exc, prefix)) from None
+    wf.check_params_size(json_params, prefix)  # every item of a batch, before any run is created
     return json_params
 
 

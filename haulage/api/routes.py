@@ -10,7 +10,7 @@ import logging
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from redis.exceptions import RedisError
 
 from haulage.api.auth import User
@@ -27,14 +27,20 @@ from haulage.api.models import (
     RunDocument,
     RunPage,
     RunResults,
+    RunSummary,
     StartBatch,
     StartRun,
+    StepList,
+    StepOut,
     WorkflowInfo,
     WorkflowList,
+    public_fields,
+    redact,
 )
 from haulage.api.params import validate_params
 from haulage.errors import InvalidParams, RunFailed
-from haulage.workflows import Results, Run, RunStatus, Workflow, cancel_run, list_runs
+from haulage.workflows import Results, Run, RunStatus, Workflow, cancel_run, list_runs, run_cursor
+from haulage.workflows.run import MAX_OFFSET
 
 log = logging.getLogger("haulage.api")
 
@@ -60,6 +66,13 @@ def _accepted(run_id: str) -> RunAccepted:
 @router.get("/me", response_model=Me, summary="Who the token belongs to")
 def me(user: CurrentUser, ctx: Context) -> Me:
     return Me(id=user.id, email=user.email, admin=user.admin, roles=dict(user.roles), auth=ctx.authenticator.mode)
+
+
+@router.get("/openapi.json", summary="This service's OpenAPI document (as /openapi.json where docs are on)")
+def openapi_document(user: CurrentUser, request: Request) -> dict[str, Any]:
+    """Behind the token like ``/v1/workflows``: it names the same workflows and parameter schemas."""
+    document: dict[str, Any] = request.app.openapi()
+    return document
 
 
 @router.get("/workflows", response_model=WorkflowList, summary="Workflows this service starts, with parameter schemas")
@@ -144,21 +157,28 @@ def runs(
     status: RunStatus | None = None,
     created_by: Annotated[str | None, Query(max_length=200, description="admins only, for other users")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
 ) -> RunPage:
-    """Your runs (an admin sees everyone's, or one user's with ``created_by``)."""
+    """Your runs (an admin sees everyone's, or one user's with ``created_by``), without their parameters.
+
+    Page with ``cursor`` (each page returns ``next_cursor``); ``offset`` stops at 10,000.
+    """
     if not user.admin:
         if created_by not in (None, user.id):
             raise Forbidden("only admins may list other users' runs")
         created_by = user.id
     # One more than asked tells whether there is a next page.
-    records = list_runs(workflow=workflow, status=status, created_by=created_by, limit=limit + 1, offset=offset)
+    records = list_runs(workflow=workflow, status=status, created_by=created_by, limit=limit + 1, offset=offset,
+                        cursor=cursor)  # fmt: skip
     more = len(records) > limit
+    shown = records[:limit]
     return RunPage(
-        runs=[RunDocument.from_record(r) for r in records[:limit]],
+        runs=[RunSummary.from_record(r) for r in shown],
         limit=limit,
         offset=offset,
-        next_offset=offset + limit if more else None,
+        next_offset=offset + limit if more and offset + limit <= MAX_OFFSET and cursor is None else None,
+        next_cursor=run_cursor(shown[-1]) if more else None,
     )
 
 
@@ -181,7 +201,19 @@ def run_results(record: VisibleRun) -> RunResults:
     if isinstance(value, Results):
         return RunResults(run_id=record.id, status=RunStatus.COMPLETE, successes=list(value.successes),
                           failures=[FailureOut(**f.to_dict()) for f in value.failures])  # fmt: skip
-    return RunResults(run_id=record.id, status=RunStatus.COMPLETE, value=value)
+    # A stage after the fan-out reduced it: the run document still lists the items that failed.
+    listed = public_fields(record).get("failures") or []
+    return RunResults(run_id=record.id, status=RunStatus.COMPLETE, value=value,
+                      failures=[FailureOut.model_validate(f) for f in listed])  # fmt: skip
+
+
+@router.get("/runs/{run_id}/steps", response_model=StepList, summary="A run's step documents (per-item rows)")
+def run_steps(record: VisibleRun) -> StepList:
+    """Every step of the run: chain steps, and each fan-out item's row (QUEUED from its expansion)."""
+    steps = Run(record.id).steps()
+    rows = [StepOut.model_validate({**s.to_dict(), "error": redact(s.error) if s.error else None}) for s in steps]
+    rows.sort(key=lambda r: (r.stage if r.stage is not None else -1, r.index if r.index is not None else -1, r.key))
+    return StepList(run_id=record.id, steps=rows)
 
 
 @router.post("/runs/{run_id}/cancel", response_model=CancelOutcome, summary="Cancel a run")

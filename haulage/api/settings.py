@@ -68,6 +68,7 @@ class ApiSettings:
     dev_token: str = ""
     dev_user: str = "dev"
     dev_admin: bool = True
+    dev_token_expires: float = 0.0  #: Unix time after which the dev token is refused; 0 = never
     firebase_project: str = ""  #: the audience of accepted ID tokens
     firebase_certs_url: str = ""  #: "" = Google's; set only to test against a local issuer
     authorizer: str = ""  #: "module:function" replacing the default per-project role rule
@@ -79,6 +80,8 @@ class ApiSettings:
     events_keepalive: float = 15.0  #: seconds of silence before a keep-alive comment
     events_max_seconds: float = 3600.0  #: seconds before a stream is closed (the client reconnects)
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    docs: bool | None = None  #: /docs, /redoc and a public /openapi.json; None = only in dev mode
+    max_streams_per_user: int = 10  #: event streams one user may hold open on one API process; more get 429
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -93,6 +96,11 @@ class ApiSettings:
         if self.authorizer and ":" not in self.authorizer:
             raise ConfigError(f"HAULAGE_API_AUTHORIZER must be module:function, got {self.authorizer!r}")
 
+    @property
+    def docs_enabled(self) -> bool:
+        """Whether the interactive docs are served (they load scripts from a CDN on this origin)."""
+        return self.auth == "dev" if self.docs is None else self.docs
+
     @classmethod
     def from_env(cls) -> ApiSettings:
         """Read and validate the HAULAGE_API_* variables; ConfigError names the one that is wrong."""
@@ -101,6 +109,7 @@ class ApiSettings:
             dev_token=_str("HAULAGE_API_DEV_TOKEN"),
             dev_user=_str("HAULAGE_API_DEV_USER", "dev"),
             dev_admin=_bool("HAULAGE_API_DEV_ADMIN", True),
+            dev_token_expires=_float("HAULAGE_API_DEV_TOKEN_EXPIRES", 0.0, minimum=0.0),
             firebase_project=_str("HAULAGE_API_FIREBASE_PROJECT"),
             firebase_certs_url=_str("HAULAGE_API_FIREBASE_CERTS_URL"),
             authorizer=_str("HAULAGE_API_AUTHORIZER"),
@@ -112,4 +121,6 @@ class ApiSettings:
             events_keepalive=_float("HAULAGE_API_EVENTS_KEEPALIVE", 15.0, minimum=1.0),
             events_max_seconds=_float("HAULAGE_API_EVENTS_MAX_SECONDS", 3600.0, minimum=1.0),
             cors_origins=_list("HAULAGE_API_CORS_ORIGINS"),
+            docs=_bool("HAULAGE_API_DOCS", True) if _str("HAULAGE_API_DOCS") else None,
+            max_streams_per_user=_int("HAULAGE_API_MAX_STREAMS_PER_USER", 10, minimum=1),
         )

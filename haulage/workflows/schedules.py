@@ -4,6 +4,9 @@ Beat runs with the Redis-backed RedBeat scheduler, whose lock lets only one
 beat process fire at a time. Even a doubled beat (two processes with two
 locks, or a lock that expired under a stalled beat) makes one run per tick:
 each scheduled run's idempotency key is derived from (schedule name, tick).
+Those keys are the scheduler's own: the run id includes the creator
+(``SCHEDULER``), and keys sent over HTTP live under ``api:<uid>:``, so no
+caller can occupy a tick's run ahead of beat.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from celery.schedules import crontab, schedule
 from haulage.tasks.app import app
 from haulage.workflows import reaper, registry, retention  # noqa: F401 - reaper, retention: their beat entries
 from haulage.workflows.maintenance import MAINTENANCE
+from haulage.workflows.workflow import SCHEDULER
 
 log = logging.getLogger("haulage.schedules")
 
@@ -73,6 +77,6 @@ def start_scheduled(workflow: str, schedule_name: str, fired_at: float | None = 
     wf = registry.get(workflow)
     tick = tick_of(wf.schedule, fired_at if fired_at is not None else time.time())
     run = wf.start(idempotency_key=f"{schedule_name}:{tick}", tags=["scheduled", schedule_name],
-                   created_by="haulage-beat", **(wf.schedule_params or {}))  # fmt: skip
+                   created_by=SCHEDULER, **(wf.schedule_params or {}))  # fmt: skip
     log.info("scheduled run %s of %s for tick %s", run.id, workflow, tick)
     return run.id

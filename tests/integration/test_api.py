@@ -330,7 +330,8 @@ def test_unknown_and_unexposed_workflows_are_404(redis_server: str, dev: TestCli
     ("path", "status", "field"),
     [("/v1/runs?limit=0", 422, "limit"), ("/v1/runs?limit=5000", 422, "limit"), ("/v1/runs?offset=-1", 422, "offset"),
      ("/v1/runs?status=DONE", 422, "status"), ("/v1/runs/not%20an%20id", 422, "run_id"),
-     ("/v1/runs/0123456789abcdef", 404, None), ("/v1/nothing", 404, None)],
+     ("/v1/runs/0123456789abcdef", 422, "run_id"), ("/v1/runs/0123456789abcdef0123456789abcdef", 404, None),
+     ("/v1/nothing", 404, None)],
 )  # fmt: skip
 def test_bad_queries_name_the_parameter(dev: TestClient, path: str, status: int, field: str | None) -> None:
     r = dev.get(path, headers=DEV)

@@ -12,14 +12,29 @@ const $ = (id) => document.getElementById(id);
 const streams = new Map(); // run id -> AbortController
 let me = null;
 let detailId = null;
+let listedFailures = false; // the open run's document lists its failures (schema 1)
 
 // --- token ------------------------------------------------------------
-function takeTokenFromFragment() {
-  // "#token=..." lets a dev tool open the page signed in; the fragment never reaches the server.
+async function takeTokenFromFragment() {
+  // "#token=..." lets `haulage dev` open the page signed in; the fragment never reaches the server.
+  // Anyone can send a link, though (login CSRF: you would work, unknowingly, in their account), so it
+  // is honoured only by a development service, and only once the person confirms the account it names.
   const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
-  if (m) {
-    localStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
-    history.replaceState(null, "", location.pathname + location.search);
+  if (!m) return;
+  history.replaceState(null, "", location.pathname + location.search);
+  const offered = decodeURIComponent(m[1]);
+  if (offered === token()) return;
+  let who = null;
+  try {
+    const res = await fetch("/v1/me", { headers: { Authorization: `Bearer ${offered}` } });
+    if (res.ok) who = await res.json();
+  } catch (e) {
+    who = null;
+  }
+  if (!who || who.auth !== "dev") return; // production tokens are pasted, never taken from a link
+  const current = token() ? " instead of the account you are signed in with" : "";
+  if (window.confirm(`This link signs you in as "${who.email || who.id}"${current}. Continue?`)) {
+    localStorage.setItem(TOKEN_KEY, offered);
   }
 }
 const token = () => localStorage.getItem(TOKEN_KEY);
@@ -225,14 +240,71 @@ function renderDetail(doc) {
     return li;
   });
   $("d-history").replaceChildren(...history);
-  const failures = (doc.result && doc.result.failures) || [];
+  $("d-stages").textContent = (doc.stages || [])
+    .map((st) => `${st.name} ${st.done + st.failed}/${st.total === null ? "?" : st.total}` + (st.failed ? ` (${st.failed} failed)` : ""))
+    .join(" \u2192 ");
+  // The run lists every failed item with its parameters, whatever stage came after the fan-out.
+  listedFailures = Boolean(doc.failures && doc.failures.length);
+  const failures = (listedFailures ? doc.failures : (doc.result && doc.result.failures)) || [];
   if (failures.length) showFailures(failures);
+  loadItems(doc.id);
+}
+
+// --- per-item rows (GET /v1/runs/{id}/steps), at most one request a second per open run -----------
+const ITEMS_REFRESH_MS = 1000;
+let itemsPending = false; // a request is scheduled or in flight
+let itemsAgain = false; // a document event came meanwhile: ask once more after it
+let itemsLast = 0;
+
+function loadItems(id) {
+  if (itemsPending) {
+    itemsAgain = true;
+    return;
+  }
+  itemsPending = true;
+  itemsAgain = false;
+  setTimeout(async () => {
+    itemsLast = Date.now();
+    try {
+      const res = await api(`/v1/runs/${encodeURIComponent(id)}/steps`);
+      if (id === detailId) showItems(res.steps);
+    } catch (e) {
+      // the page keeps what it showed; the next document event asks again
+    } finally {
+      itemsPending = false;
+      if (itemsAgain && id === detailId) loadItems(id);
+    }
+  }, Math.max(0, itemsLast + ITEMS_REFRESH_MS - Date.now()));
+}
+
+function showItems(steps) {
+  const items = steps.filter((s) => s.index !== null && s.index !== undefined);
+  const rows = items.map((s) => {
+    const tr = el("tr", "item");
+    tr.dataset.status = s.status;
+    tr.dataset.key = s.key;
+    const bar = el("div", "bar");
+    bar.append(el("div", "fill"), el("span", "label"));
+    const progress = el("td", "progress");
+    progress.appendChild(bar);
+    const state = el("td", "state");
+    state.appendChild(el("span", "status"));
+    tr.append(el("td", "index", String(s.index)), el("td", "label", s.label || s.key), state, progress,
+      el("td", "message", s.error ? `${s.error_type}: ${s.error}` : s.message || ""), el("td", "attempt", String(s.attempt)),
+      el("td", "started", s.started_at ? clock(s.started_at) : "—"), el("td", "finished", s.finished_at ? clock(s.finished_at) : "—"));
+    setStatus(state.firstChild, s.status);
+    setBar(bar, { percent: s.status === "COMPLETE" ? 100 : s.percent, status: s.status });
+    return tr;
+  });
+  $("d-items").replaceChildren(...rows);
+  $("d-items-panel").hidden = rows.length === 0;
 }
 
 function showFailures(failures) {
   const rows = failures.map((f) => {
     const tr = el("tr");
-    tr.append(el("td", "", f.step || ""), el("td", "", JSON.stringify(f.params)), el("td", "", `${f.error_type}: ${f.message}`));
+    tr.append(el("td", "", f.step || ""), el("td", "", f.label || ""), el("td", "", JSON.stringify(f.params)),
+      el("td", "", `${f.error_type}: ${f.message}`));
     return tr;
   });
   $("d-failures").replaceChildren(...rows);
@@ -242,7 +314,8 @@ function showFailures(failures) {
 async function loadFailures(id) {
   try {
     const res = await api(`/v1/runs/${encodeURIComponent(id)}/results`);
-    if (id === detailId && res.failures && res.failures.length) showFailures(res.failures);
+    // The document's own list has the items' labels; the results are for runs written before it had one.
+    if (id === detailId && !listedFailures && res.failures && res.failures.length) showFailures(res.failures);
   } catch (e) {
     // 409: not finished or cancelled; nothing to show
   }
@@ -253,6 +326,7 @@ async function openDetail(id) {
   $("list-view").hidden = true;
   $("detail-view").hidden = false;
   $("d-failures-panel").hidden = true;
+  $("d-items-panel").hidden = true;
   $("d-error").textContent = "";
   try {
     const doc = await api(`/v1/runs/${encodeURIComponent(id)}`);
@@ -337,7 +411,7 @@ async function cancelDetail() {
 
 // --- start --------------------------------------------------------------
 async function boot() {
-  takeTokenFromFragment();
+  await takeTokenFromFragment();
   if (!token()) return signOut("");
   $("signin").hidden = true;
   try {
