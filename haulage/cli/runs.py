@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +126,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    print(to_json(haulage.get_run(args.run_id).results()))
+    """The results as JSON on stdout; the failed items (with their parameters) on stderr, or as JSON with --failures.
+
+    After a stage that reduced a fan-out the results no longer say which items
+    failed; the run document still lists them, so they are always printed.
+    """
+    run = haulage.get_run(args.run_id)
+    if args.failures:
+        print(to_json([f.to_dict() for f in run.failures()]))
+        return 0
+    print(to_json(run.results()))
+    failures = run.failures()
+    if failures:
+        print(f"{len(failures)} item(s) failed (--failures prints them as JSON):", file=sys.stderr)
+        for f in failures:
+            print(f"  {f.step}  {f.label or to_json(f.params)}: {f.error_type}: {f.message}", file=sys.stderr)
     return 0
 
 
@@ -253,6 +268,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
             p.add_argument("--json", action="store_true")
         if name == "results":
             p.add_argument("--json", action="store_true", help="(results are always JSON)")
+            p.add_argument("--failures", action="store_true",
+                           help="print the failed items (step, label, params, error) as JSON instead")  # fmt: skip
         p.set_defaults(func=func)
 
     p = sub.add_parser("list", help="list runs, newest first")

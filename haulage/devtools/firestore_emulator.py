@@ -2,12 +2,15 @@
 
 It comes with the Google Cloud CLI (``gcloud components install
 cloud-firestore-emulator``) and needs Java. ``start_emulator`` runs it in its
-own process group, optionally with security rules loaded.
+own process group with the project's security rules loaded (``haulage/progress/firestore/firestore.rules``,
+or the file ``HAULAGE_FIRESTORE_RULES`` names), so that what a web client reads from
+the emulator is what it would read in production.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -20,6 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from haulage.errors import HaulageError
 
@@ -29,6 +33,8 @@ _KNOWN_ROOTS = (Path("/usr/lib/google-cloud-sdk"), Path("/usr/share/google-cloud
                 Path.home() / "google-cloud-sdk")  # fmt: skip
 #: seconds the emulator may take to answer (about 1.3 s measured; java can be slow on a busy machine)
 START_TIMEOUT = 60.0
+#: the rules the package ships (package data: an installed wheel loads them too); HAULAGE_FIRESTORE_RULES: another
+SHIPPED_RULES = Path(__file__).resolve().parents[1] / "progress" / "firestore" / "firestore.rules"
 
 
 class EmulatorMissing(HaulageError):
@@ -72,10 +78,47 @@ def _answers(host: str) -> bool:
         return False
 
 
-def start_emulator(project: str = DEFAULT_PROJECT, *, log_path: Path | None = None, rules: Path | None = None,
-                   port: int | None = None) -> tuple[str, Callable[[], None]]:  # fmt: skip
+def default_rules() -> Path | None:
+    """The rules file the emulator loads: HAULAGE_FIRESTORE_RULES, else the package's own."""
+    named = os.environ.get("HAULAGE_FIRESTORE_RULES", "").strip()
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise HaulageError(f"HAULAGE_FIRESTORE_RULES names {named!r}, which is not a file")
+        return path
+    if not SHIPPED_RULES.is_file():  # an emulator without rules would let any identity read any run
+        raise HaulageError(f"the package's Firestore rules are missing ({SHIPPED_RULES}); reinstall haulage "
+                           "or set HAULAGE_FIRESTORE_RULES")  # fmt: skip
+    return SHIPPED_RULES
+
+
+def load_rules(host: str, project: str, rules: Path) -> None:
+    """Load ``rules`` into a running emulator (its REST endpoint; takes effect for the next request).
+
+    The emulator's ``--rules`` flag is read once at start and silently ignored
+    when the file does not parse; this endpoint answers 400 with the compiler's
+    message instead, so a broken rules file fails here rather than leaving
+    every read open.
+    """
+    body = json.dumps({"rules": {"files": [{"name": "firestore.rules", "content": rules.read_text()}]}}).encode()
+    request = urllib.request.Request(f"http://{host}/emulator/v1/projects/{project}:securityRules", data=body,
+                                     method="PUT", headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:  # noqa: S310 - loopback emulator
+            reply.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:2000]
+        raise HaulageError(f"the Firestore emulator refused the rules in {rules}: HTTP {exc.code}: {detail}") from None
+
+
+def start_emulator(project: str = DEFAULT_PROJECT, *, log_path: Path | None = None,
+                   rules: Path | Literal["default"] | None = "default",
+                   port: int | None = None, websocket_port: int | None = None,
+                   webchannel_port: int | None = None) -> tuple[str, Callable[[], None]]:  # fmt: skip
     """Start a Firestore emulator on free ports; return its "127.0.0.1:PORT" and a function that stops it.
 
+    ``rules``: the security rules to load once it answers; "default" is
+    :func:`default_rules` (the project's), None loads none (every read open to any identity).
     The emulator runs in its own process group: the launcher is a shell script
     whose java child would outlive a kill of the script alone.
 
@@ -87,14 +130,16 @@ def start_emulator(project: str = DEFAULT_PROJECT, *, log_path: Path | None = No
         stop()
     """
     launcher = find_emulator()
-    port, ws_port = port or _free_port(), _free_port()
+    port, ws_port = port or _free_port(), websocket_port or _free_port()
+    # Unset, the emulator picks the WebChannel port (the JS SDK's transport) itself; haulage dev sets it.
+    webchannel = [f"--webchannel_port={webchannel_port}"] if webchannel_port else []
     host = f"127.0.0.1:{port}"
     if log_path is None:
         log_path = Path(tempfile.mkdtemp(prefix="haulage-firestore-")) / "emulator.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [str(launcher), "start", "--host=127.0.0.1", f"--port={port}", f"--websocket_port={ws_port}",
-             f"--project_id={project}", *([f"--rules={rules.resolve()}"] if rules else [])],
+             f"--project_id={project}", *webchannel],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     lock = threading.Lock()
@@ -128,6 +173,13 @@ def start_emulator(project: str = DEFAULT_PROJECT, *, log_path: Path | None = No
             raise TimeoutError(f"the Firestore emulator did not answer on {host} within {START_TIMEOUT:g}s "
                                f"(log: {log_path})")  # fmt: skip
         time.sleep(0.1)
+    chosen = default_rules() if rules == "default" else rules
+    if chosen is not None:
+        try:
+            load_rules(host, project, chosen)
+        except BaseException:
+            stop()
+            raise
     return host, stop
 
 

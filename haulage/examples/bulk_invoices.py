@@ -59,7 +59,8 @@ def summarise(ctx: StepContext, results: Results) -> dict[str, Any]:
 @workflow("bulk_invoices")
 def bulk_invoices(invoices: list[Invoice]) -> Any:
     """Price every invoice in parallel; bad ones are reported, the rest are priced."""
-    return chain(fan_out(price_invoice, [i.model_dump() for i in invoices]), summarise.s())
+    return chain(fan_out(price_invoice, [i.model_dump() for i in invoices], label="invoice {invoice_id}"),
+                 summarise.s())  # fmt: skip
 
 
 SAMPLE_BATCH = [

@@ -7,13 +7,16 @@ import functools
 from haulage.progress.memory_store import MemoryStore
 from haulage.progress.models import (
     ACTIVE,
+    SCHEMA_VERSION,
     TERMINAL,
     Checkpoint,
     Cost,
     Event,
+    FailureEntry,
     RunRecord,
     RunStatus,
     RunUpdate,
+    StageCounts,
     StepCounts,
     StepRecord,
     StepStatus,
@@ -55,6 +58,9 @@ __all__ = [
     "Event",
     "Cost",
     "StepCounts",
+    "StageCounts",
+    "FailureEntry",
+    "SCHEMA_VERSION",
     # statuses
     "RunStatus",
     "StepStatus",

@@ -26,21 +26,34 @@ from typing import Any
 
 from haulage.jsonutil import dumps
 from haulage.progress.models import (
+    COUNT_FIELDS,
+    FAILURES_LIMIT,
+    TERMINAL,
     Checkpoint,
     Cost,
     Event,
+    FailureEntry,
     RunRecord,
     RunStatus,
     RunUpdate,
+    StageKind,
     StepCounts,
     StepRecord,
+    StepStatus,
     now,
+    round_usd,
+    stage_fields,
+    stage_message,
+    stages_from_fields,
+    work_percent,
 )
 from haulage.settings import get_settings
 
 # Run fields kept as JSON text; the counters ("steps.*", "cost.*") are numbers, and
 # history is a list of its own (RedisStore's hash fields and history list).
-_JSON_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord) if f.name not in {"id", "history", "cost", "steps"})
+_JSON_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord)
+                     if f.name not in {"id", "history", "cost", "steps", "stages", "failures"})  # fmt: skip
+_TERMINAL_TEXT = frozenset(dumps(s.value) for s in TERMINAL)
 
 
 @dataclasses.dataclass
@@ -51,6 +64,7 @@ class _Change:
     incr: dict[str, float]
     maximum: dict[str, float]
     events: list[str]
+    failures: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def of(cls, update: RunUpdate) -> _Change:
@@ -59,7 +73,19 @@ class _Change:
             incr=json.loads(dumps(dict(update.incr))),
             maximum=json.loads(dumps(dict(update.maximum))),
             events=[dumps(e.to_dict()) for e in update.events],
+            failures=[dumps(f.to_dict()) for f in update.failures],
         )
+
+
+def _counted_stages(change: _Change, count: int) -> set[int]:
+    """The stages whose total, done or failed count ``change`` touches."""
+    out = set()
+    for key in [*change.set, *change.incr]:
+        parts = key.split(".")
+        if (len(parts) == 3 and parts[0] == "stages" and parts[1].isdigit() and parts[2] in COUNT_FIELDS
+                and int(parts[1]) < count):  # fmt: skip
+            out.add(int(parts[1]))
+    return out
 
 
 @dataclasses.dataclass
@@ -110,12 +136,23 @@ class MemoryStore:
     def _limit(self) -> int:
         return get_settings().history_limit
 
+    def _apply_live(self, run_id: str, change: _Change) -> None:
+        """Apply ``change`` unless the run has ended; an ended run takes only its ``settled`` marker."""
+        run = self._runs[run_id]
+        if run.fields.get("status") not in _TERMINAL_TEXT:
+            self._apply(run_id, change)
+        elif "settled" in change.set and run.fields.get("settled") != change.set["settled"]:
+            run.fields["settled"] = change.set["settled"]
+            for feed in self._feeds.get(run_id, []):
+                feed.notify()
+
     def _apply(self, run_id: str, change: _Change) -> None:
         """Apply one encoded update to an existing run, in RedisStore's order; the caller holds the lock."""
         run = self._runs[run_id]
         run.fields.update(change.set)
         for k, d in change.incr.items():
-            run.fields[k] = repr(float(run.fields.get(k, "0")) + d)
+            total = float(run.fields.get(k, "0")) + d
+            run.fields[k] = repr(round_usd(total) if k.startswith("cost.") and k.endswith(".usd") else total)
         for k, m in change.maximum.items():
             cur = run.fields.get(k)
             if cur is None or float(cur) < m:
@@ -123,6 +160,20 @@ class MemoryStore:
         if change.events:
             run.history.extend(change.events)
             del run.history[: -self._limit]  # a limit of 0 keeps all, as LTRIM 0 -1 does
+        for entry in change.failures:
+            n = int(run.fields.get("failures.n", "0")) + 1
+            run.fields["failures.n"] = str(n)
+            if n <= FAILURES_LIMIT:
+                run.fields[f"failures.{n - 1}"] = entry
+        stages = stages_from_fields({k: json.loads(v) for k, v in run.fields.items() if k.startswith("stages.")})
+        if stages:
+            derived = work_percent(stages)
+            if derived > float(json.loads(run.fields.get("percent", "0"))):
+                run.fields["percent"] = dumps(derived)
+        if "message" not in change.set:
+            for index in sorted(_counted_stages(change, len(stages))):
+                if stages[index].kind == StageKind.FAN_OUT.value:
+                    run.fields["message"] = dumps(stage_message(stages[index]))
         run.fields["updated_at"] = dumps(now())
         for feed in self._feeds.get(run_id, []):
             feed.notify()
@@ -132,6 +183,7 @@ class MemoryStore:
         data = run.to_dict()
         fields = {k: dumps(data[k]) for k in _JSON_FIELDS}
         fields.update({"steps.total": str(run.steps.total), "steps.done": "0", "steps.failed": "0"})
+        fields.update({k: dumps(v) for k, v in stage_fields(run.stages).items()})
         change = _Change.of(RunUpdate(events=list(run.history)))
         with self._lock:
             if run.id in self._runs:
@@ -153,8 +205,15 @@ class MemoryStore:
         data: dict[str, Any] = {}
         counts = StepCounts()
         costs: dict[str, Cost] = {}
+        stages: dict[str, Any] = {}
+        failures: dict[int, FailureEntry] = {}
         for key, val in run.fields.items():
-            if key.startswith("steps."):
+            if key.startswith("stages."):
+                stages[key] = json.loads(val)
+            elif key.startswith("failures."):
+                if key != "failures.n":
+                    failures[int(key[9:])] = FailureEntry.from_dict(json.loads(val))
+            elif key.startswith("steps."):
                 setattr(counts, key[6:], int(float(val)))
             elif key.startswith("cost."):
                 model, metric = key[5:].rsplit(".", 1)
@@ -164,7 +223,8 @@ class MemoryStore:
                 data[key] = json.loads(val)
         data["status"] = RunStatus(data["status"])
         history = [Event.from_dict(json.loads(e)) for e in run.history]
-        return RunRecord(id=run_id, steps=counts, cost=costs, history=history, **data)
+        return RunRecord(id=run_id, steps=counts, cost=costs, history=history, stages=stages_from_fields(stages),
+                         failures=[failures[i] for i in sorted(failures)], **data)  # fmt: skip
 
     def list_runs(
         self,
@@ -174,6 +234,7 @@ class MemoryStore:
         created_by: str | None = None,
         limit: int = 50,
         offset: int = 0,
+        after: tuple[float, str] | None = None,
     ) -> list[RunRecord]:
         wanted = {"workflow": workflow, "status": None if status is None else RunStatus(status).value,
                   "created_by": created_by}  # fmt: skip
@@ -181,9 +242,11 @@ class MemoryStore:
         skipped = 0
         with self._lock:
             # Newest first; equal times by id, descending, as Redis orders a sorted set read in reverse.
-            for rid, _ in sorted(self._index.items(), key=lambda item: (item[1], item[0]), reverse=True):
+            for rid, created in sorted(self._index.items(), key=lambda item: (item[1], item[0]), reverse=True):
                 if len(out) >= limit:
                     break
+                if after is not None and (created > after[0] or (created == after[0] and rid >= after[1])):
+                    continue
                 fields = self._runs[rid].fields
                 if any(v is not None and json.loads(fields[k]) != v for k, v in wanted.items()):
                     continue
@@ -201,7 +264,7 @@ class MemoryStore:
         change = _Change.of(update)
         with self._lock:
             if run_id in self._runs:
-                self._apply(run_id, change)
+                self._apply_live(run_id, change)
 
     def transition(
         self,
@@ -235,7 +298,32 @@ class MemoryStore:
     def put_step(self, run_id: str, step: StepRecord) -> None:
         raw = dumps(step.to_dict())
         with self._lock:
-            self._steps.setdefault(run_id, {})[step.key] = raw
+            steps = self._steps.setdefault(run_id, {})
+            cur = steps.get(step.key)
+            if cur is not None and step.status is not StepStatus.COMPLETE and json.loads(cur)["status"] == "COMPLETE":
+                return  # a step that completed stays COMPLETE (RedisStore's _PUT_STEP)
+            steps[step.key] = raw
+
+    def create_item_rows(self, run_id: str, rows: Sequence[StepRecord]) -> None:
+        raws = [(row.key, dumps(row.to_dict())) for row in rows]
+        with self._lock:
+            steps = self._steps.setdefault(run_id, {})
+            for key, raw in raws:
+                steps.setdefault(key, raw)
+
+    def step_progress(self, run_id: str, step_key: str, percent: float, message: str) -> None:
+        with self._lock:
+            steps = self._steps.get(run_id, {})
+            cur = steps.get(step_key)
+            if cur is None:
+                return
+            data = json.loads(cur)
+            if data["status"] != StepStatus.RUNNING.value:
+                return
+            data.update(percent=float(percent), message=message, updated_at=now())
+            steps[step_key] = dumps(data)
+            for feed in self._feeds.get(run_id, []):
+                feed.notify()
 
     def list_steps(self, run_id: str) -> list[StepRecord]:
         with self._lock:
@@ -250,7 +338,7 @@ class MemoryStore:
                 return Checkpoint.from_dict(json.loads(existing))
             self._steps.setdefault(run_id, {})[step.key] = raw
             if run_id in self._runs:
-                self._apply(run_id, change)
+                self._apply_live(run_id, change)
         return None
 
     def load_step_state(self, run_id: str, step_keys: Sequence[str]) -> tuple[RunStatus | None, dict[str, Checkpoint]]:
@@ -287,7 +375,7 @@ class MemoryStore:
             stored[checkpoint.step_key] = raw_cp
             self._steps.setdefault(run_id, {})[step.key] = raw_step
             if run_id in self._runs:
-                self._apply(run_id, change)
+                self._apply_live(run_id, change)
         return checkpoint
 
     def watch_changes(self, run_id: str) -> _MemoryFeed:

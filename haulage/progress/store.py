@@ -41,8 +41,13 @@ class Store(Protocol):
         created_by: str | None = None,
         limit: int = 50,
         offset: int = 0,
+        after: tuple[float, str] | None = None,
     ) -> list[RunRecord]:
-        """Runs, newest first, filtered by the given fields."""
+        """Runs, newest first, filtered by the given fields.
+
+        ``after`` is ``(created_at, id)`` of the last run of the previous page:
+        the listing continues after it (a cursor, cheaper than ``offset``).
+        """
 
     def update_run(self, run_id: str, update: RunUpdate) -> None:
         """Apply ``update`` as one write; the history keeps its newest events only."""
@@ -67,6 +72,15 @@ class Store(Protocol):
         """Write the step record whole (last writer wins)."""
 
     def list_steps(self, run_id: str) -> list[StepRecord]: ...
+
+    def create_item_rows(self, run_id: str, rows: Sequence[StepRecord]) -> None:
+        """Create the QUEUED rows of a fan-out's items in batches, leaving any row that exists as it is.
+
+        Called once per expansion, so a frontend lists every item before it starts.
+        """
+
+    def step_progress(self, run_id: str, step_key: str, percent: float, message: str) -> None:
+        """Set a RUNNING step's own percent and message (a fan-out item's ``ctx.progress``); else do nothing."""
 
     def start_step(self, run_id: str, step: StepRecord, update: RunUpdate) -> Checkpoint | None:
         """Mark a step started (write ``step``, apply ``update``) unless it has a checkpoint; return that checkpoint."""

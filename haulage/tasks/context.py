@@ -21,6 +21,8 @@ log = logging.getLogger("haulage.step")
 # How stale a cached cancellation answer may be: ctx.cancelled is called in
 # tight loops, and one store read per second per step is plenty.
 _CANCEL_CHECK_SECONDS = 1.0
+#: seconds between a fan-out item's progress writes to its step document (Firestore's sustained rate per document)
+PROGRESS_SECONDS = 1.0
 
 
 class StepContext:
@@ -45,6 +47,8 @@ class StepContext:
         self._flow = flow
         self._cancel_checked = 0.0
         self._cancelled = False
+        self._item_progress: tuple[float, str] | None = None  #: reported, not yet written to the step document
+        self._progress_written = 0.0
         #: this attempt's step-lock token, not whoever holds the lock now: a frozen attempt whose lock was
         #: taken over must not claim guards in the new holder's name
         self._lock_token = lock_token
@@ -53,16 +57,34 @@ class StepContext:
         )
 
     def progress(self, percent: float, message: str = "") -> None:
-        """Report this step's progress (0-100) and a message shown on the run."""
+        """Report this step's progress (0-100) and a message.
+
+        A stage of one step moves the run's bar (its stage's ``progress``, from which
+        the store derives the run's percent) and message. A fan-out item reports on its
+        own step document (at most one write per PROGRESS_SECONDS; a report inside that
+        interval waits for the next one, and the step's final record supersedes it);
+        the run's message is then the stage's count ("analyze_page 12/40"), never
+        whichever item wrote last.
+        """
         if self.cancelled:
             return  # the run's last word is "cancelled"; a late progress message must not replace it
         percent = max(0.0, min(100.0, float(percent)))
-        update = RunUpdate(set={"message": message, "heartbeat": now()} if message else {"heartbeat": now()})
         if self._flow["item"] is None and self._flow["units"] <= 1:
-            # A stage of one step moves the run's bar itself; fan-out items move it as they finish.
-            fraction = self._flow["stage"] + percent / 100.0
-            update.maximum["percent"] = round(100.0 * fraction / max(self._flow["stages"], 1), 1)
-        self._store.update_run(self.run_id, update)
+            update = RunUpdate(set={"message": message, "heartbeat": now()} if message else {"heartbeat": now()},
+                               maximum={f"stages.{self._flow['stage']}.progress": percent})  # fmt: skip
+            self._store.update_run(self.run_id, update)
+            return
+        self._item_progress = (percent, message)
+        if time.monotonic() - self._progress_written >= PROGRESS_SECONDS:
+            self.flush_progress()
+
+    def flush_progress(self) -> None:
+        """Write the item's last reported progress to its step document, if any is unwritten."""
+        pending, self._item_progress = self._item_progress, None
+        if pending is None:
+            return
+        self._progress_written = time.monotonic()
+        self._store.step_progress(self.run_id, self.step_key, pending[0], pending[1])
 
     def add_cost(self, model: str, *, usd: float = 0.0, input_tokens: int = 0, output_tokens: int = 0,
                  calls: int = 1) -> None:  # fmt: skip

@@ -7,6 +7,10 @@ with ``publish(event)`` can stand in, e.g. a Google Pub/Sub publisher) and, for
 a run that ended COMPLETE, starts the workflow's ``on_complete`` follow-up.
 The follow-up's idempotency key is derived from the finished run, so a
 repeated notice never starts it twice.
+
+Then ``haulage.settle`` waits for the steps still RUNNING when the run ended
+(a cancel does not stop a step mid-call) to land, and sets the document's
+``settled`` marker: the one change a terminal run document takes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any, Protocol
 from haulage.coordination import get_coordination
 from haulage.errors import ConfigError, HaulageError
 from haulage.progress import get_store
-from haulage.progress.models import RunRecord, RunStatus
+from haulage.progress.models import RunRecord, RunStatus, RunUpdate, StepStatus
 from haulage.tasks.app import app
 from haulage.workflows import registry
 from haulage.workflows.run import Run
@@ -82,6 +86,7 @@ def run_ended(run_id: str) -> dict[str, Any] | None:
         return None
     event = completion_event(run)
     get_publisher().publish(event)
+    settle_run.apply_async(kwargs={"run_id": run_id}, queue="short")
     wf = registry.get(run.workflow) if run.workflow in registry.names() else None
     if wf is not None and wf.on_complete and run.status is RunStatus.COMPLETE:
         follow = registry.get(wf.on_complete)
@@ -96,3 +101,26 @@ def run_ended(run_id: str) -> dict[str, Any] | None:
             event["follow_up"] = nxt.id
             log.info("run %s ended COMPLETE; follow-up %s started as %s", run_id, wf.on_complete, nxt.id)
     return event
+
+
+#: seconds between looks at a run's steps while some still run after its end
+SETTLE_POLL = 2.0
+#: seconds after which a run is marked settled even if a step still says RUNNING (its worker died)
+SETTLE_LIMIT = 600.0
+
+
+@app.task(name="haulage.settle", bind=True, typing=False, max_retries=None)
+def settle_run(task: Any, run_id: str, waited: float = 0.0) -> bool:
+    """Set ``settled`` on an ended run once none of its steps is RUNNING (or after SETTLE_LIMIT seconds)."""
+    store = get_store()
+    run = store.get_run(run_id)
+    if run is None or not run.terminal or run.settled:
+        return False
+    running = [s.key for s in store.list_steps(run_id) if s.status is StepStatus.RUNNING]
+    if running and waited < SETTLE_LIMIT:
+        raise task.retry(countdown=SETTLE_POLL, kwargs={"run_id": run_id, "waited": waited + SETTLE_POLL})
+    if running:
+        log.warning("run %s marked settled with step(s) still RUNNING after %.0fs: %s", run_id, waited,
+                    ", ".join(running[:10]))  # fmt: skip
+    store.update_run(run_id, RunUpdate(set={"settled": True}))
+    return True

@@ -16,6 +16,7 @@ from celery.canvas import Signature
 from haulage.dispatch.dispatcher import signature_for
 from haulage.errors import PlanError
 from haulage.jsonutil import check_serializable
+from haulage.progress.models import StageCounts, StageKind
 from haulage.tasks.definition import Step, StepCall
 from haulage.tasks.flow import Flow, InputKind
 from haulage.workflows.fanout import expand_fan_out
@@ -29,6 +30,7 @@ class FanOut:
     steps: tuple[StepCall, ...]
     items: list[dict[str, Any]] | None  #: None: take the items from the previous stage's output
     kwargs: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None  #: a template for each item's label ("page {page}"); default: its parameters
 
 
 @dataclass(frozen=True)
@@ -71,14 +73,18 @@ def chain(*stages: Node) -> Chain:
 
 
 def fan_out(target: Step | StepCall | Chain, items: list[dict[str, Any]] | None = None, *,
-            kwargs: dict[str, Any] | None = None) -> FanOut:  # fmt: skip
+            kwargs: dict[str, Any] | None = None, label: str | None = None) -> FanOut:  # fmt: skip
     """Run ``target`` once per item, in parallel; the next stage receives ``Results``.
 
     ``items``: a list of keyword-argument dicts; without it, the items are the
     list the previous stage returned. ``kwargs`` are passed to every item
     (an item's own keys win). ``target`` may be a chain of steps: each item
     runs the whole chain, the first step getting the item's arguments.
+    ``label``: what a UI shows for each item, a template formatted with the
+    item's parameters (``label="page {page}"``); by default the parameters, short.
     """
+    if label is not None and not isinstance(label, str):
+        raise PlanError(f"fan_out label must be a template string such as 'page {{page}}', got {label!r}")
     if isinstance(target, Chain):
         subs = []
         for n, stage in enumerate(target.stages):
@@ -101,7 +107,20 @@ def fan_out(target: Step | StepCall | Chain, items: list[dict[str, Any]] | None 
     reason = check_serializable(fixed)
     if reason:
         raise PlanError(f"fan_out kwargs are not JSON-serialisable: {reason}")
-    return FanOut(steps, None if items is None else list(items), fixed)
+    return FanOut(steps, None if items is None else list(items), fixed, label)
+
+
+def plan_stages(plan: Chain) -> list[StageCounts]:
+    """The run document's ``stages`` before anything runs: a step counts one; a fan-out its item steps when
+    its items are given, else None until it expands."""
+    out = []
+    for stage in plan.stages:
+        if isinstance(stage, StepCall):
+            out.append(StageCounts(name=stage.step.name, kind=StageKind.STEP.value, total=1))
+        else:
+            total = None if stage.items is None else len(stage.items) * len(stage.steps)
+            out.append(StageCounts(name=stage.steps[0].step.name, kind=StageKind.FAN_OUT.value, total=total))
+    return out
 
 
 def as_plan(value: Any, workflow: str) -> Chain:
@@ -147,6 +166,7 @@ def compile_plan(plan: Chain, *, run_id: str, workflow: str, on_failure: str) ->
             "steps": [{"step": s.step.name, "params": s.kwargs} for s in stage.steps],
             "items": stage.items,
             "kwargs": stage.kwargs,
+            "label": stage.label,
         }
         sigs.append(expand_fan_out.s(run_id=run_id, key=f"{i}:fan_out", spec=spec, flow=flow).set(queue="short"))
     end_flow: Flow = {"workflow": workflow, "stage": count, "stages": count, "item": None, "units": 1,

@@ -239,6 +239,28 @@ def test_list_runs_filters_and_pages(store: Store) -> None:
     assert [r.id for r in page] == [ids[2], ids[1]]
 
 
+def test_list_runs_continues_after_a_cursor(store: Store) -> None:
+    owner = f"owner-{uuid.uuid4().hex[:8]}"
+    at = now()
+    runs = [new_run(workflow="wf-a" if i % 2 == 0 else "wf-b", created_by=owner, created_at=at + i // 2)
+            for i in range(6)]  # fmt: skip - pairs share a creation time: ties must neither repeat nor vanish
+    for run in runs:
+        store.create_run(run)
+    seen: list[str] = []
+    after = None
+    while page := store.list_runs(created_by=owner, limit=2, after=after):
+        seen += [r.id for r in page]
+        after = (page[-1].created_at, page[-1].id)
+    assert sorted(seen) == sorted(r.id for r in runs) and len(seen) == 6
+    assert seen == [r.id for r in store.list_runs(created_by=owner, limit=10)]
+    first = store.list_runs(created_by=owner, workflow="wf-a", limit=1)
+    rest = store.list_runs(created_by=owner, workflow="wf-a", after=(first[0].created_at, first[0].id))
+    assert [r.id for r in first + rest] == [r.id for r in store.list_runs(created_by=owner, workflow="wf-a")]
+    assert len(first + rest) == 3
+    store.delete_run(runs[0].id)  # deletion leaves every index it was in
+    assert runs[0].id not in [r.id for r in store.list_runs(created_by=owner, workflow="wf-a")]
+
+
 def test_delete_run_removes_everything(store: Store) -> None:
     run = new_run()
     store.create_run(run)

@@ -35,6 +35,7 @@ if not (CHROMIUM and CHROMEDRIVER):
     pytest.skip(reason, allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402 - only importable once we know the browser is there
+from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select  # noqa: E402
@@ -80,6 +81,20 @@ def console_errors(driver: Any) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
+def sign_in_by_link(driver: Any, url: str) -> None:
+    """Open the page with ``#token=`` as ``haulage dev`` does, and confirm the account it names (dev mode only)."""
+    driver.get(f"{url}/#token={DEV_TOKEN}")
+    wait_until(lambda: _alert(driver), timeout=15, what="the sign-in confirmation").accept()
+    wait_until(lambda: driver.find_element(By.ID, "main").is_displayed(), timeout=15, what="the page to sign in")
+
+
+def _alert(driver: Any) -> Any:
+    try:
+        return driver.switch_to.alert
+    except NoAlertPresentException:
+        return None
+
+
 _BAR = """
 const row = document.querySelector(`tr.run[data-run-id="${arguments[0]}"]`);
 return row ? [Number(row.querySelector('.bar').dataset.percent || 0), row.dataset.status] : null;
@@ -94,8 +109,7 @@ def bar_state(driver: Any, run_id: str) -> tuple[float, str] | None:
 
 def test_a_run_started_on_the_page_moves_its_bar_and_ends_complete(server: ApiServer, api_worker: WorkerProcess,
                                                                     browser: Any) -> None:  # fmt: skip
-    browser.get(f"{server.url}/#token={DEV_TOKEN}")
-    wait_until(lambda: browser.find_element(By.ID, "main").is_displayed(), timeout=15, what="the page to sign in")
+    sign_in_by_link(browser, server.url)
     assert browser.find_element(By.ID, "who").text == "browser"
     assert not browser.find_element(By.ID, "all-label").is_displayed()  # "everyone's runs" is for admins
     assert "token=" not in browser.current_url  # the token left the address bar
@@ -153,15 +167,19 @@ def test_the_detail_of_a_partly_failed_run_lists_its_failures(server: ApiServer,
         r = http.post("/v1/workflows/t_api_fan/runs", json={"params": {"n": 5, "fail_on": [1, 4]}})
         run_id = r.json()["run_id"]
         wait_until(lambda: http.get(f"/v1/runs/{run_id}").json()["status"] == "COMPLETE", timeout=30, what="the run")
-    browser.get(f"{server.url}/#token={DEV_TOKEN}")
-    wait_until(lambda: browser.find_element(By.ID, "main").is_displayed(), timeout=15, what="the page to sign in")
+    sign_in_by_link(browser, server.url)
     browser.get(f"{server.url}/#run={run_id}")
     # Read the table in one script call: it is re-rendered when the results arrive.
     read = "return [...document.querySelectorAll('#d-failures tr')].map(r => [...r.cells].map(c => c.textContent))"
     cells = wait_until(lambda: browser.execute_script(read), timeout=10, what="the failures table")
-    assert [c[:2] for c in cells] == [["0:square[1]", '{"x":1}'], ["0:square[4]", '{"x":4}']], cells
-    assert all(c[2].startswith("ValueError: bad item") for c in cells)
-    assert "complete with 2 failure(s)" in browser.find_element(By.ID, "d-message").text
+    assert [c[:3] for c in cells] == [["0:square[1]", "x=1", '{"x":1}'], ["0:square[4]", "x=4", '{"x":4}']], cells
+    assert all(c[3].startswith("ValueError: bad item") for c in cells)
+    assert "complete, 2 of 5 items failed" in browser.find_element(By.ID, "d-message").text
+    # One row per item, with its label and status (GET /v1/runs/{id}/steps).
+    rows = "return [...document.querySelectorAll('#d-items tr')].map(r => [...r.cells].map(c => c.textContent))"
+    items = wait_until(lambda: browser.execute_script(rows), timeout=10, what="the item rows")
+    assert [(r[0], r[1], r[2]) for r in items] == [
+        (str(i), f"x={i}", "FAILED" if i in (1, 4) else "COMPLETE") for i in range(5)], items  # fmt: skip
     shot(browser, "run-failures")
     assert console_errors(browser) == []
 

@@ -123,6 +123,7 @@ def _token(uid: str, project: str, email: str | None = None) -> str:
     }
     if email:
         claims["email"] = email
+        claims["email_verified"] = True  # the rules take an email as ownership only when verified
     return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}."
 
 
@@ -148,11 +149,11 @@ def _patch(url: str, token: str) -> int:
 
 
 def test_security_rules_owner_reads_others_refused(tmp_path: Path) -> None:
-    from haulage.devtools.firestore_emulator import EmulatorMissing, start_emulator
+    from haulage.devtools.firestore_emulator import SHIPPED_RULES, EmulatorMissing, start_emulator
 
     project = "haulage-rules"
     try:
-        host, stop = start_emulator(project, rules=ROOT / "deploy" / "firestore.rules", log_path=tmp_path / "fs.log")
+        host, stop = start_emulator(project, rules=SHIPPED_RULES, log_path=tmp_path / "fs.log")
     except EmulatorMissing as exc:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"Firestore emulator missing in CI: {exc}")

@@ -86,7 +86,7 @@ def test_a_dynamic_fan_out_takes_its_items_from_the_previous_stage() -> None:
     sigs = nodes(chain(extract.s(project_id="p1"), fan_out(analyze, kwargs={"project_id": "p1"})))
     spec = sigs[1].kwargs["spec"]
     assert spec == {"steps": [{"step": "unit_plan_analyze", "params": {}}], "items": None,
-                    "kwargs": {"project_id": "p1"}}  # fmt: skip
+                    "kwargs": {"project_id": "p1"}, "label": None}  # fmt: skip
 
 
 def test_a_static_fan_out_carries_its_items_and_may_be_the_first_stage() -> None:

@@ -1,15 +1,17 @@
 """The Firestore backend of the Store: the production store (the ``firestore`` extra).
 
-Layout: one document per run in the collection (id = run id) with the fields
-of :class:`~haulage.progress.models.RunRecord`: ``steps.{total,done,failed}`` and
-``cost.<model>.{usd,input_tokens,output_tokens,calls}`` as nested maps updated
-with ``Increment``, ``history`` as a list of maps, ``updated_ts`` as a server
-timestamp next to the float epoch fields, and ``status_at`` (when the status
-last changed). Steps, checkpoints and guards live in the subcollections
-``steps``, ``checkpoints`` and ``guards`` (document id = key, with "/" and "%"
-percent-encoded). User data that a Firestore document cannot hold natively
-(arrays inside arrays, integers beyond 64 bits, empty or reserved map keys) is
-stored as JSON text in a ``<field>_json`` companion field.
+Layout (schema 1; the README's table and deploy/haulage-documents.d.ts describe each field): one
+document per run in the collection (id = run id) with the fields of
+:class:`~haulage.progress.models.RunRecord` that clients may read: ``stages`` (a list,
+written whole), ``steps.{total,done,failed}`` and ``cost.<model>.*`` as nested maps,
+``failures`` and ``history`` as lists of maps, every time a Timestamp (``updated_ts`` the
+server's), and ``status_at`` (when the status last changed). The parameters and the
+engine's own fields (``params_hash``, ``on_failure``, ``recoveries``, the heartbeat) live
+in the subdocument ``private/engine``, which the rules refuse to every client. Steps,
+checkpoints and guards live in the subcollections ``steps``, ``checkpoints`` and
+``guards`` (document id = key, with "/" and "%" percent-encoded). User data that a
+Firestore document cannot hold natively (arrays inside arrays, integers beyond 64 bits,
+empty or reserved map keys) is stored as JSON text in a ``<field>_json`` companion field.
 
 Write coalescing: Firestore sustains about one write per second per document,
 while a fan-out reports progress, cost and completions many times a second.
@@ -24,9 +26,14 @@ process exit (atexit, and Celery's ``worker_process_shutdown`` for prefork
 children, which skip atexit) write at once. ``get_run`` shows this process's
 pending changes (read your writes).
 
-What readers in other processes see: a terminal status at once, but counters
-and cost buffered by other workers up to about one interval later (a run may
-read COMPLETE with steps.done still catching up). A status change is a barrier
+Every coalesced write reads the status, stages, percent, failures and cost and
+is sent under a precondition on the update time it read, so the stages list,
+the percent derived from it and exact money are computed from what is stored,
+and a terminal document takes nothing but its ``settled`` marker.
+
+What readers in other processes see: a terminal status at once; counters and
+cost buffered by other workers land up to about one interval later while the
+run goes on (the finish waits for them), and not at all once it has ended. A status change is a barrier
 for buffered ``set`` fields: one asked for before it is dropped rather than
 written over what the transition set. A change buffered by a process that is
 killed (SIGKILL) is lost: counters may stay short, checkpoints never do.

@@ -21,17 +21,32 @@ from google.cloud.firestore_v1 import transforms
 from haulage.progress.firestore.encoding import (
     USER_DATA,
     Doc,
+    apply_stages,
+    counted_message,
+    derived_percent,
+    ended,
     field_path,
     get_in,
+    merge_failures,
     merge_history,
     overlaps,
     parts,
     put_in,
     set_value,
+    stage_key,
     status_at,
+    to_epoch,
+    to_timestamp,
     user_fields,
 )
-from haulage.progress.models import Event, RunUpdate, now
+from haulage.progress.models import Event, FailureEntry, RunUpdate, now, round_usd
+
+#: fields the buffer derives from what it read rather than writing as given (see Pending.fields)
+_DERIVED = frozenset({"percent"})
+
+
+def _is_usd(key: str) -> bool:
+    return key.startswith("cost.") and key.endswith(".usd")
 
 
 class Incompatible(Exception):
@@ -53,6 +68,7 @@ class Pending:
     incr: dict[str, float] = field(default_factory=dict)
     maximum: dict[str, float] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
+    failures: list[FailureEntry] = field(default_factory=list)
     last_at: float = 0.0
 
     def add(self, update: RunUpdate, at: float, set_at: float | None = None) -> None:
@@ -82,12 +98,13 @@ class Pending:
             else:
                 self.maximum[k] = max(self.maximum.get(k, m), m)
         self.events.extend(update.events)
+        self.failures.extend(update.failures)
         self.last_at = max(self.last_at, at)
 
     def then(self, newer: Pending) -> None:
         """Fold a later buffer in, keeping when each of its sets was asked for; raises Incompatible."""
         self.add(RunUpdate(set=dict(newer.set), incr=dict(newer.incr), maximum=dict(newer.maximum),
-                           events=list(newer.events)), newer.last_at)  # fmt: skip
+                           events=list(newer.events), failures=list(newer.failures)), newer.last_at)  # fmt: skip
         self.set_at.update({k: newer.set_at.get(k, newer.last_at) for k in newer.set})
 
     def copy(self) -> Pending:
@@ -96,7 +113,7 @@ class Pending:
         return out
 
     def __bool__(self) -> bool:
-        return bool(self.set or self.incr or self.maximum or self.events)
+        return bool(self.set or self.incr or self.maximum or self.events or self.failures)
 
     def live_sets(self, changed_at: float | None) -> dict[str, Any]:
         # A status change is a barrier: a set asked for before it (say a step's
@@ -107,37 +124,94 @@ class Pending:
         return {k: v for k, v in self.set.items() if self.set_at.get(k, math.inf) >= changed_at}
 
     def fields(self, stored: Doc | None, limit: int) -> Doc:
-        """The update() map for this buffer; ``stored`` is what was read for the write (None if nothing was)."""
+        """The update() map for this buffer, given ``stored``: what was read for the write (under its update time).
+
+        A terminal document takes nothing but ``settled`` (empty map: write
+        nothing). The stages list, the percent derived from it, the failures list
+        and money are computed from what was read, so the write that lands is
+        exact; counters are increments.
+        """
+        if ended(stored) and "status" not in self.set:
+            wanted = self.set.get("settled")
+            return {"settled": wanted} if wanted is not None and (stored or {}).get("settled") != wanted else {}
+        base = stored or {}
+        sets = self.live_sets(status_at(stored))
         out: Doc = {}
-        for k, v in self.live_sets(status_at(stored)).items():
+        for k, v in sets.items():
+            if stage_key(k) is not None or k in _DERIVED:
+                continue
             if k in USER_DATA:
                 out.update(user_fields(k, v, creating=False))
             else:
                 out[field_path(k)] = v
         for k, d in self.incr.items():
-            out[field_path(k)] = firestore.Increment(d)
+            if stage_key(k) is not None:
+                continue
+            if _is_usd(k):
+                out[field_path(k)] = round_usd((get_in(base, parts(k)) or 0.0) + d)
+            else:
+                out[field_path(k)] = firestore.Increment(d)
         for k, m in self.maximum.items():
-            out[field_path(k)] = transforms.Maximum(m)
+            if stage_key(k) is None and k not in _DERIVED:
+                out[field_path(k)] = transforms.Maximum(m)
+        stages = apply_stages(base.get("stages"), sets, self.incr, self.maximum)
+        if stages is not None:
+            out["stages"] = stages
+            message = counted_message(stages, sets, self.incr)
+            if message is not None:
+                out["message"] = message
+        percent = self._percent(base, stages, sets)
+        if percent is not None:
+            out["percent"] = percent
         if self.events:
-            out["history"] = merge_history((stored or {}).get("history"), self.events, limit)
-        out["updated_at"] = now()
+            out["history"] = merge_history(base.get("history"), self.events, limit)
+        if self.failures:
+            out["failures"] = merge_failures(base.get("failures"), self.failures)
+        out["updated_at"] = to_timestamp(now())
         out["updated_ts"] = firestore.SERVER_TIMESTAMP
         return out
 
+    def _percent(self, base: Doc, stages: list[Doc] | None, sets: dict[str, Any]) -> float | None:
+        if "percent" in sets:
+            return float(sets["percent"])  # set outright: COMPLETE's 100
+        return derived_percent(base.get("percent"), stages if stages is not None else base.get("stages"),
+                               self.maximum.get("percent"))  # fmt: skip
+
     def overlay(self, data: Doc, limit: int) -> None:
         """Apply this buffer to a document's data as its write would (read your writes)."""
-        for k, v in self.live_sets(status_at(data)).items():
+        if ended(data) and "status" not in self.set:
+            if "settled" in self.set:
+                data["settled"] = self.set["settled"]
+            return
+        sets = self.live_sets(status_at(data))
+        for k, v in sets.items():
+            if stage_key(k) is not None or k in _DERIVED:
+                continue
             put_in(data, parts(k), copy.deepcopy(v))  # later segments change the view, never the buffer
             if k in USER_DATA:
                 data.pop(f"{k}_json", None)
         for k, d in self.incr.items():
-            put_in(data, parts(k), (get_in(data, parts(k)) or 0) + d)
+            if stage_key(k) is None:
+                total = (get_in(data, parts(k)) or 0) + d
+                put_in(data, parts(k), round_usd(total) if _is_usd(k) else total)
         for k, m in self.maximum.items():
-            cur = get_in(data, parts(k))
-            put_in(data, parts(k), m if cur is None else max(cur, m))
+            if stage_key(k) is None and k not in _DERIVED:
+                cur = get_in(data, parts(k))
+                put_in(data, parts(k), m if cur is None else max(cur, m))
+        stages = apply_stages(data.get("stages"), sets, self.incr, self.maximum)
+        if stages is not None:
+            data["stages"] = stages
+            message = counted_message(stages, sets, self.incr)
+            if message is not None:
+                data["message"] = message
+        percent = self._percent(data, stages, sets)
+        if percent is not None:
+            data["percent"] = percent
         if self.events:
             data["history"] = merge_history(data.get("history"), self.events, limit)
-        data["updated_at"] = max(float(data.get("updated_at") or 0.0), self.last_at)
+        if self.failures:
+            data["failures"] = merge_failures(data.get("failures"), self.failures)
+        data["updated_at"] = to_timestamp(max(to_epoch(data.get("updated_at")) or 0.0, self.last_at))
 
 
 def append(queue: list[Pending], update: RunUpdate, at: float) -> None:
@@ -159,7 +233,8 @@ def append(queue: list[Pending], update: RunUpdate, at: float) -> None:
             ) from None
         # In the order the Redis backend applies one update: sets, increments, maxima (and events).
         pieces = [RunUpdate(set=dict(update.set)), RunUpdate(incr=dict(update.incr)),
-                  RunUpdate(maximum=dict(update.maximum), events=list(update.events))]  # fmt: skip
+                  RunUpdate(maximum=dict(update.maximum), events=list(update.events),
+                            failures=list(update.failures))]  # fmt: skip
         for piece in pieces:
             if piece:
                 append(queue, piece, at)

@@ -1,4 +1,8 @@
-"""Records to Firestore documents and back: field paths, document ids, and user data Firestore cannot hold.
+"""Records to Firestore documents and back: field paths, document ids, times, and user data Firestore cannot hold.
+
+Every time a client reads is a Firestore Timestamp (``created_at``, ``updated_at``,
+``history[].at``, a step's ``started_at`` ...): the records keep float epoch
+seconds, as the Redis store does, and are converted here, at the edge.
 
 User data that a Firestore document cannot hold natively (arrays inside
 arrays, integers beyond 64 bits, empty or reserved map keys) is stored as JSON
@@ -13,6 +17,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
@@ -20,7 +25,24 @@ from google.cloud import firestore
 from google.cloud.firestore_v1.field_path import FieldPath
 
 from haulage.jsonutil import dumps
-from haulage.progress.models import Checkpoint, Cost, Event, RunRecord, RunStatus, StepCounts, now
+from haulage.progress.models import (
+    COUNT_FIELDS,
+    FAILURES_LIMIT,
+    TERMINAL,
+    Checkpoint,
+    Cost,
+    Event,
+    FailureEntry,
+    RunRecord,
+    RunStatus,
+    StageCounts,
+    StageKind,
+    StepCounts,
+    StepRecord,
+    now,
+    stage_message,
+    work_percent,
+)
 
 #: fields a run's users fill with arbitrary JSON; they fall back to "<field>_json" text
 USER_DATA = frozenset({"params", "result"})
@@ -29,6 +51,34 @@ _INT64 = (-(2**63), 2**63 - 1)
 _MAX_DEPTH = 20  # Firestore nests maps and arrays at most 20 deep
 _MAX_ID_BYTES = 1500
 Doc = dict[str, Any]  # a document's fields, as the client reads and writes them
+
+
+#: run fields kept out of the document clients read, in the run's ``private/engine`` subdocument (the rules
+#: refuse every read there): the parameters (large, and the run's input), engine bookkeeping, and the
+#: heartbeat (it changes every few seconds while steps run; the document would change with it)
+PRIVATE = frozenset({"params", "params_hash", "on_failure", "recoveries", "heartbeat"})
+
+#: run fields holding a time: Timestamps in the document, epoch seconds in the record
+RUN_TIMES = frozenset({"created_at", "updated_at", "started_at", "finished_at", "heartbeat", "status_at"})
+#: the same for a step document
+STEP_TIMES = frozenset({"updated_at", "retry_at", "started_at", "finished_at"})
+_TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
+
+
+def to_timestamp(value: Any) -> Any:
+    """Epoch seconds as the datetime the client stores as a Timestamp (None and datetimes pass through)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromtimestamp(float(value), tz=UTC)
+
+
+def to_epoch(value: Any) -> float | None:
+    """A Timestamp (or, in documents written before schema 1, a number) as epoch seconds."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return float(value)
 
 
 def storable(value: Any, depth: int = 0, in_array: bool = False) -> bool:
@@ -98,7 +148,9 @@ def set_value(key: str, value: Any) -> Any:
     if isinstance(value, Enum):
         value = value.value
     value = copy.deepcopy(value)
-    if key not in USER_DATA and not storable(value):
+    if key in RUN_TIMES:
+        return to_timestamp(value)
+    if key not in USER_DATA and not storable(value) and not isinstance(value, datetime):
         raise ValueError(
             f"RunUpdate.set[{key!r}]: a Firestore document cannot hold {value!r} "
             "(arrays in arrays, integers beyond 64 bits, empty or __reserved__ map keys)"
@@ -106,12 +158,95 @@ def set_value(key: str, value: Any) -> Any:
     return value
 
 
+def event_doc(event: Event) -> Doc:
+    data = event.to_dict()
+    data["at"] = to_timestamp(data["at"])
+    return data
+
+
 def merge_history(stored: Iterable[Doc] | None, events: Sequence[Event], limit: int) -> list[Doc]:
     # Events buffered by several processes land out of order; keep the history
     # chronological (a stable sort leaves in-order appends as they are), newest `limit` of it.
-    merged = [*(stored or []), *(e.to_dict() for e in events)]
-    merged.sort(key=lambda e: float(e.get("at") or 0.0))
-    return merged[-limit:]
+    merged = [*(stored or []), *(event_doc(e) for e in events)]
+    merged.sort(key=lambda e: to_epoch(e.get("at")) or 0.0)
+    return merged[-limit:] if limit > 0 else merged
+
+
+def failure_doc(entry: FailureEntry) -> Doc:
+    data = entry.to_dict()
+    data["at"] = to_timestamp(data["at"])
+    data.update(user_fields("params", data.pop("params"), creating=True))
+    return data
+
+
+def merge_failures(stored: Iterable[Doc] | None, entries: Sequence[FailureEntry]) -> list[Doc]:
+    """The run's failures list with ``entries`` appended: the first FAILURES_LIMIT are kept."""
+    return [*(stored or []), *(failure_doc(e) for e in entries)][:FAILURES_LIMIT]
+
+
+def stage_key(key: str) -> tuple[int, str] | None:
+    """(index, field) of a "stages.<i>.<field>" update key; None for other keys."""
+    if not key.startswith("stages."):
+        return None
+    index, _, name = key[7:].partition(".")
+    return (int(index), name) if index.isdigit() and name else None
+
+
+def apply_stages(stored: Any, sets: dict[str, Any], incr: dict[str, float],
+                 maximum: dict[str, float]) -> list[Doc] | None:  # fmt: skip
+    """The stages list after the "stages.<i>.<field>" changes; None when there are none.
+
+    The list is written whole (array elements have no field paths): the writer
+    reads it with the document and writes under a precondition on its update time.
+    """
+    changes = [(k, v, kind) for kind, table in (("set", sets), ("incr", incr), ("max", maximum))
+               for k, v in table.items() if stage_key(k) is not None]  # fmt: skip
+    if not changes:
+        return None
+    stages = [dict(s) for s in stored] if isinstance(stored, list) else []
+    for key, value, kind in changes:
+        index, name = stage_key(key) or (0, "")
+        while len(stages) <= index:
+            stages.append(StageCounts(name="").to_dict())
+        cur = stages[index].get(name)
+        if kind == "set":
+            stages[index][name] = value
+        elif kind == "incr":
+            stages[index][name] = (cur or 0) + value
+        else:
+            stages[index][name] = value if cur is None else max(cur, value)
+    return stages
+
+
+def counted_message(stages: list[Doc], sets: dict[str, Any], incr: dict[str, float]) -> str | None:
+    """The run's message when a fan-out stage's counts change and nothing set one (models.stage_message)."""
+    if "message" in sets:
+        return None
+    message = None
+    for key in sorted([*sets, *incr]):
+        where = stage_key(key)
+        if where is None or where[1] not in COUNT_FIELDS or where[0] >= len(stages):
+            continue
+        stage = StageCounts.from_dict(stages[where[0]])
+        if stage.kind == StageKind.FAN_OUT.value:
+            message = stage_message(stage)
+    return message
+
+
+def derived_percent(stored_percent: Any, stages: Any, wanted: float | None) -> float | None:
+    """The percent to write: the highest of what is stored, what was asked for, and the work done."""
+    candidates = [float(stored_percent or 0.0)]
+    if wanted is not None:
+        candidates.append(float(wanted))
+    if isinstance(stages, list) and stages:
+        candidates.append(work_percent([StageCounts.from_dict(s) for s in stages]))
+    best = max(candidates)
+    return best if best != float(stored_percent or 0.0) or wanted is not None else None
+
+
+def ended(stored: Doc | None) -> bool:
+    """True if the stored document is terminal: nothing but ``settled`` may change it."""
+    return stored is not None and stored.get("status") in _TERMINAL_VALUES
 
 
 def get_in(data: Doc, path: tuple[str, ...]) -> Any:
@@ -137,19 +272,29 @@ def status_at(stored: Doc | None) -> float | None:
     """When the stored status last changed (None if unknown): the barrier for stale buffered sets."""
     if stored is None or stored.get("status_at") is None:
         return None
-    return float(stored["status_at"])
+    return to_epoch(stored["status_at"])
 
 
 def encode_run(run: RunRecord, limit: int) -> Doc:
     """The fields of a new run document (its id is the document's)."""
     data = run.to_dict()
     data.pop("id")
-    data["history"] = data["history"][-limit:]
+    data["history"] = [event_doc(e) for e in run.history][-limit:] if limit > 0 else [event_doc(e) for e in run.history]
+    data["failures"] = merge_failures([], run.failures)
     for name in USER_DATA:
         data.update(user_fields(name, data.pop(name), creating=True))
     data["status_at"] = now()
+    for name in RUN_TIMES:
+        data[name] = to_timestamp(data.get(name))
     data["updated_ts"] = firestore.SERVER_TIMESTAMP
     return data
+
+
+def split_private(data: Doc) -> tuple[Doc, Doc]:
+    """A new run's fields as (the document clients read, the private subdocument)."""
+    public = {k: v for k, v in data.items() if k not in PRIVATE and k != "params_json"}
+    private = {k: v for k, v in data.items() if k in PRIVATE or k == "params_json"}
+    return public, private
 
 
 def decode_run(run_id: str, data: Doc) -> RunRecord:
@@ -167,12 +312,22 @@ def decode_run(run_id: str, data: Doc) -> RunRecord:
     }
 
     def num(name: str) -> float | None:
-        value = data.get(name)
-        return None if value is None else float(value)
+        return to_epoch(data.get(name))
+
+    def history(e: Doc) -> Event:
+        return Event.from_dict({**e, "at": to_epoch(e.get("at")) or 0.0})
+
+    def failure(f: Doc) -> FailureEntry:
+        params = user_value(f, "params") or {}
+        return FailureEntry.from_dict({**f, "at": to_epoch(f.get("at")) or 0.0, "params": params})
 
     return RunRecord(
         id=run_id,
         workflow=data.get("workflow", ""),
+        schema=int(data.get("schema") or 0),
+        stages=[StageCounts.from_dict(st) for st in data.get("stages") or [] if isinstance(st, dict)],
+        failures=[failure(f) for f in data.get("failures") or [] if isinstance(f, dict)],
+        settled=bool(data.get("settled")),
         status=RunStatus(data["status"]),
         percent=float(data.get("percent") or 0.0),
         message=data.get("message") or "",
@@ -182,7 +337,7 @@ def decode_run(run_id: str, data: Doc) -> RunRecord:
         idempotency_key=data.get("idempotency_key"),
         params_hash=data.get("params_hash") or "",
         on_failure=data.get("on_failure") or "collect",
-        history=[Event.from_dict(e) for e in data.get("history") or []],
+        history=[history(e) for e in data.get("history") or []],
         cost=costs,
         steps=StepCounts(
             total=int(counts.get("total") or 0),
@@ -193,11 +348,28 @@ def decode_run(run_id: str, data: Doc) -> RunRecord:
         error=data.get("error"),
         heartbeat=num("heartbeat"),
         recoveries=int(data.get("recoveries") or 0),
-        created_at=float(data.get("created_at") or 0.0),
-        updated_at=float(data.get("updated_at") or 0.0),
+        created_at=num("created_at") or 0.0,
+        updated_at=num("updated_at") or 0.0,
         started_at=num("started_at"),
         finished_at=num("finished_at"),
     )
+
+
+def encode_step(step: StepRecord) -> Doc:
+    """A step document: the record's fields, its times as Timestamps, its parameters user data."""
+    data = step.to_dict()
+    for name in STEP_TIMES:
+        data[name] = to_timestamp(data.get(name))
+    return data
+
+
+def decode_step(data: Doc | None) -> StepRecord:
+    data = dict(data or {})
+    for name in STEP_TIMES:
+        data[name] = to_epoch(data.get(name))
+    if data.get("updated_at") is None:
+        data.pop("updated_at", None)
+    return StepRecord.from_dict(data)
 
 
 def encode_checkpoint(cp: Checkpoint) -> Doc:

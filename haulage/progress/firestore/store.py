@@ -17,6 +17,7 @@ package docstring (:mod:`haulage.progress.firestore`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -31,11 +32,23 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from haulage.errors import ConfigError, StoreConflict
 from haulage.progress.firestore import guards
 from haulage.progress.firestore.buffer import Pending
-from haulage.progress.firestore.encoding import decode_checkpoint, decode_run, doc_id, encode_checkpoint, encode_run
+from haulage.progress.firestore.encoding import (
+    PRIVATE,
+    decode_checkpoint,
+    decode_run,
+    decode_step,
+    doc_id,
+    encode_checkpoint,
+    encode_run,
+    encode_step,
+    split_private,
+    to_timestamp,
+    user_fields,
+)
 from haulage.progress.firestore.exit_hooks import close_at_exit
 from haulage.progress.firestore.feed import SnapshotFeed
-from haulage.progress.firestore.writer import PacedWriter
-from haulage.progress.models import Checkpoint, RunRecord, RunStatus, RunUpdate, StepRecord, now
+from haulage.progress.firestore.writer import CONFLICTS, MAX_ATTEMPTS, PacedWriter
+from haulage.progress.models import Checkpoint, RunRecord, RunStatus, RunUpdate, StepRecord, StepStatus, now
 from haulage.settings import get_settings
 
 DEFAULT_COLLECTION = "tasks"
@@ -43,7 +56,14 @@ DEFAULT_DATABASE = "(default)"
 DEFAULT_PROJECT = "haulage-dev"
 DEFAULT_COALESCE_SECONDS = 1.0  #: seconds between coalesced writes to one run document
 
-STEPS, CHECKPOINTS, GUARDS = "steps", "checkpoints", "guards"
+STEPS, CHECKPOINTS, GUARDS, PRIVATE_COLLECTION = "steps", "checkpoints", "guards", "private"
+#: the private subdocument's id (encoding.PRIVATE lists its fields)
+ENGINE_DOC = "engine"
+#: seconds between one process's heartbeat writes to a run's private subdocument (the reaper allows
+#: HAULAGE_STALE_AFTER, 600 s by default; a 1,000-item fan-out must not write it 1,000 times a second)
+HEARTBEAT_WRITE_SECONDS = 10.0
+#: writes in one batch commit (Firestore allows 500)
+ROWS_PER_BATCH = 500
 
 
 class FirestoreStore:
@@ -79,6 +99,7 @@ class FirestoreStore:
         #: other workers' buffered counters land within about two intervals
         self.settle_seconds = 2 * coalesce_seconds + 1.0
         self.writes: Counter[str] = Counter()
+        self._beats: dict[str, float] = {}  #: run id -> monotonic time of this process's last heartbeat write
         self.conflicts: Counter[str] = Counter()
         self._given_client = client
         self._reset_process_state(closed=False)
@@ -140,10 +161,17 @@ class FirestoreStore:
         return get_settings().history_limit
 
     # --- runs -----------------------------------------------------------------------------------
+    def _private_ref(self, run_id: str) -> Any:
+        return self._run_ref(run_id).collection(PRIVATE_COLLECTION).document(ENGINE_DOC)
+
     def create_run(self, run: RunRecord) -> RunRecord | None:
         self._check_fork()
+        public, private = split_private(encode_run(run, self._limit))
+        batch = self.db.batch()
+        batch.create(self._run_ref(run.id), public)
+        batch.set(self._private_ref(run.id), private)
         try:
-            self._run_ref(run.id).create(encode_run(run, self._limit))
+            batch.commit()
         except gexc.AlreadyExists:
             return self.get_run(run.id)
         self._writer.count(run.id)
@@ -157,17 +185,30 @@ class FirestoreStore:
         self._check_fork()
         st = self._writer.existing(run_id)
         if st is None:
-            return self._decode_run(self._run_ref(run_id).get(), [])
+            snap, private = self._read_with_private(run_id)
+            return self._decode_run(snap, [], private)
         # Under the run's io lock no write of ours is in flight, so the document
         # plus what is buffered is exactly what this process has asked for.
         with st.io:
-            snap = self._run_ref(run_id).get()
-            return self._decode_run(snap, self._writer.queue_of(st))
+            snap, private = self._read_with_private(run_id)
+            return self._decode_run(snap, self._writer.queue_of(st), private)
 
-    def _decode_run(self, snap: Any, queue: list[Pending]) -> RunRecord | None:
+    def _read_with_private(self, run_id: str) -> tuple[Any, dict[str, Any]]:
+        """The run document and its private subdocument's fields, in one BatchGetDocuments call."""
+        snaps = {s.reference.path: s for s in self.db.get_all([self._run_ref(run_id), self._private_ref(run_id)])}
+        private = snaps.get(self._private_ref(run_id).path)
+        return snaps[self._run_ref(run_id).path], (private.to_dict() or {}) if private and private.exists else {}
+
+    def _privates(self, run_ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not run_ids:
+            return {}
+        refs = [self._private_ref(r) for r in run_ids]
+        return {s.reference.parent.parent.id: s.to_dict() or {} for s in self.db.get_all(refs) if s.exists}
+
+    def _decode_run(self, snap: Any, queue: list[Pending], private: dict[str, Any] | None = None) -> RunRecord | None:
         if not snap.exists:
             return None
-        data: dict[str, Any] = snap.to_dict() or {}
+        data: dict[str, Any] = {**(snap.to_dict() or {}), **(private or {})}
         for segment in queue:
             segment.overlay(data, self._limit)
         return decode_run(snap.id, data)
@@ -180,6 +221,7 @@ class FirestoreStore:
         created_by: str | None = None,
         limit: int = 50,
         offset: int = 0,
+        after: tuple[float, str] | None = None,
     ) -> list[RunRecord]:
         # Equality filters ordered by created_at need composite indexes in
         # production (one per combination used); the emulator needs none.
@@ -190,13 +232,21 @@ class FirestoreStore:
             if value is not None:
                 query = query.where(filter=FieldFilter(name, "==", value))
         query = query.order_by("created_at", direction=firestore.Query.DESCENDING)
+        if after is not None:
+            # The last document of the previous page is the cursor: Firestore orders ties by
+            # document name, so none is skipped or repeated. One deleted meanwhile falls back to its time.
+            last = self._run_ref(after[1]).get()
+            query = query.start_after(last if last.exists else {"created_at": to_timestamp(after[0])})
         if offset:
             query = query.offset(offset)
         out = []
-        for snap in query.limit(limit).stream():
+        snaps = list(query.limit(limit).stream())
+        privates = self._privates([snap.id for snap in snaps])  # one call for the page's private fields
+        for snap in snaps:
             # No io lock here: a write in flight may be missing from a listing
             # for a moment, but is never counted twice (it left the buffer first).
-            record = self._decode_run(snap, self._writer.queue_of(self._writer.existing(snap.id)))
+            record = self._decode_run(snap, self._writer.queue_of(self._writer.existing(snap.id)),
+                                      privates.get(snap.id))  # fmt: skip
             if record is not None:
                 out.append(record)
         return out
@@ -205,10 +255,40 @@ class FirestoreStore:
         if not update:
             return
         self._check_fork()
+        update = self._take_private(run_id, update)
         if "status" in update.set:
             update = RunUpdate(set={**update.set, "status_at": now()}, incr=update.incr, maximum=update.maximum,
-                               events=update.events)  # fmt: skip
-        self._writer.buffer(run_id, update)
+                               events=update.events, failures=update.failures)  # fmt: skip
+        if update:
+            self._writer.buffer(run_id, update)
+
+    def _take_private(self, run_id: str, update: RunUpdate) -> RunUpdate:
+        """Write the update's private fields (encoding.PRIVATE) to the private subdocument; return the rest.
+
+        The heartbeat is written at most once per HEARTBEAT_WRITE_SECONDS by this process.
+        """
+        sets = {k: v for k, v in update.set.items() if k in PRIVATE}
+        incr = {k: v for k, v in update.incr.items() if k in PRIVATE}
+        if not sets and not incr:
+            return update
+        fields: dict[str, Any] = {}
+        for k, v in sets.items():
+            if k == "heartbeat":
+                mono = time.monotonic()
+                if mono - self._beats.get(run_id, -math.inf) < HEARTBEAT_WRITE_SECONDS:
+                    continue
+                self._beats[run_id] = mono
+                v = to_timestamp(v)
+            fields.update(user_fields(k, v, creating=False) if k == "params" else {k: v})
+        fields.update({k: firestore.Increment(v) for k, v in incr.items()})
+        if fields:
+            # NotFound: the run is gone (deleted), or was created before schema 1 without one.
+            with contextlib.suppress(gexc.NotFound):
+                self._private_ref(run_id).update(fields)
+        return RunUpdate(set={k: v for k, v in update.set.items() if k not in PRIVATE},
+                         incr={k: v for k, v in update.incr.items() if k not in PRIVATE},
+                         maximum=dict(update.maximum), events=list(update.events),
+                         failures=list(update.failures))  # fmt: skip
 
     def transition(
         self,
@@ -223,7 +303,7 @@ class FirestoreStore:
         change = RunUpdate()
         if update is not None:
             change = RunUpdate(set=dict(update.set), incr=dict(update.incr), maximum=dict(update.maximum),
-                               events=list(update.events))  # fmt: skip
+                               events=list(update.events), failures=list(update.failures))  # fmt: skip
         change.set.update({"status": RunStatus(to).value, "status_at": now()})
         # Most calls find the condition false (every item of a stage-0 fan-out
         # marks the run PROCESSING): one small read, no lock, no write. A status
@@ -231,14 +311,24 @@ class FirestoreStore:
         head = self._run_ref(run_id).get(field_paths=["status"])
         if not head.exists or (head.to_dict() or {}).get("status") not in allowed:
             return False
-        return self._writer.write_transition(run_id, change, allowed)
+        private = RunUpdate(set={k: v for k, v in change.set.items() if k in PRIVATE},
+                            incr={k: v for k, v in change.incr.items() if k in PRIVATE})  # fmt: skip
+        public = RunUpdate(set={k: v for k, v in change.set.items() if k not in PRIVATE},
+                           incr={k: v for k, v in change.incr.items() if k not in PRIVATE},
+                           maximum=change.maximum, events=change.events, failures=change.failures)  # fmt: skip
+        if not self._writer.write_transition(run_id, public, allowed):
+            return False
+        if private:
+            self._beats.pop(run_id, None)  # a transition's heartbeat (a resume) is always written
+            self._take_private(run_id, private)
+        return True
 
     def delete_run(self, run_id: str) -> None:
         self._check_fork()
         with self._writer.deleting(run_id):
             ref = self._run_ref(run_id)
             # The run document goes last, so a delete cut short is finished by calling it again.
-            for sub in (STEPS, CHECKPOINTS, GUARDS):
+            for sub in (STEPS, CHECKPOINTS, GUARDS, PRIVATE_COLLECTION):
                 self._delete_collection(ref.collection(sub))
             ref.delete()
 
@@ -255,13 +345,60 @@ class FirestoreStore:
     # --- steps ----------------------------------------------------------------------------------
     def get_step(self, run_id: str, step_key: str) -> StepRecord | None:
         snap = self._sub_ref(run_id, STEPS, step_key).get()
-        return StepRecord.from_dict(snap.to_dict()) if snap.exists else None
+        return decode_step(snap.to_dict()) if snap.exists else None
 
     def put_step(self, run_id: str, step: StepRecord) -> None:
-        self._sub_ref(run_id, STEPS, step.key).set(step.to_dict())
+        ref = self._sub_ref(run_id, STEPS, step.key)
+        if step.status is StepStatus.COMPLETE:
+            ref.set(encode_step(step))
+            return
+        # A step that completed stays COMPLETE: a late writer (a cancel, a driver's last poll) cannot
+        # rewrite it. Read, then write under the read's update time (or "still absent").
+        for _ in range(MAX_ATTEMPTS):
+            snap = ref.get(field_paths=["status"])
+            if snap.exists and (snap.to_dict() or {}).get("status") == StepStatus.COMPLETE.value:
+                return
+            option = self.db.write_option(last_update_time=snap.update_time) if snap.exists else None
+            try:
+                if option is None:
+                    ref.create(encode_step(step))
+                else:  # every field of the record, so the update replaces the document as set() would
+                    ref.update(encode_step(step), option=option)
+                return
+            except (*CONFLICTS, gexc.AlreadyExists):
+                continue
+        raise StoreConflict(f"put_step {step.key!r} of run {run_id}: the step document kept changing")
+
+    def create_item_rows(self, run_id: str, rows: Sequence[StepRecord]) -> None:
+        for start in range(0, len(rows), ROWS_PER_BATCH):
+            chunk = rows[start:start + ROWS_PER_BATCH]
+            batch = self.db.batch()
+            for row in chunk:
+                batch.create(self._sub_ref(run_id, STEPS, row.key), encode_step(row))
+            try:
+                batch.commit()
+            except gexc.AlreadyExists:
+                # One row exists (an expansion repeated after a crash): create the others one by one.
+                for row in chunk:
+                    try:
+                        self._sub_ref(run_id, STEPS, row.key).create(encode_step(row))
+                    except gexc.AlreadyExists:
+                        continue
+
+    def step_progress(self, run_id: str, step_key: str, percent: float, message: str) -> None:
+        ref = self._sub_ref(run_id, STEPS, step_key)
+        snap = ref.get(field_paths=["status"])
+        if not snap.exists or (snap.to_dict() or {}).get("status") != StepStatus.RUNNING.value:
+            return
+        try:
+            # Under the read's update time: a step that finished meanwhile keeps its final record.
+            ref.update({"percent": float(percent), "message": message, "updated_at": to_timestamp(now())},
+                       option=self.db.write_option(last_update_time=snap.update_time))  # fmt: skip
+        except (*CONFLICTS, gexc.NotFound):
+            return
 
     def list_steps(self, run_id: str) -> list[StepRecord]:
-        steps = (StepRecord.from_dict(s.to_dict()) for s in self._run_ref(run_id).collection(STEPS).stream())
+        steps = (decode_step(s.to_dict()) for s in self._run_ref(run_id).collection(STEPS).stream())
         return sorted(steps, key=lambda s: s.key)
 
     def start_step(self, run_id: str, step: StepRecord, update: RunUpdate) -> Checkpoint | None:
@@ -271,7 +408,7 @@ class FirestoreStore:
             # A delete that must find no document is a "no checkpoint yet" check:
             # when one exists it fails the whole batch, the step write with it.
             batch.delete(cp_ref, option=self.db.write_option(exists=False))
-            batch.set(self._sub_ref(run_id, STEPS, step.key), step.to_dict())
+            batch.set(self._sub_ref(run_id, STEPS, step.key), encode_step(step))
             try:
                 batch.commit()
             except (gexc.AlreadyExists, gexc.FailedPrecondition):
@@ -325,7 +462,7 @@ class FirestoreStore:
         # create() fails the whole batch when a checkpoint exists: the first one
         # stands and the step record is left as it was.
         batch.create(cp_ref, encode_checkpoint(checkpoint))
-        batch.set(self._sub_ref(run_id, STEPS, step.key), step.to_dict())
+        batch.set(self._sub_ref(run_id, STEPS, step.key), encode_step(step))
         try:
             batch.commit()
         except gexc.AlreadyExists:

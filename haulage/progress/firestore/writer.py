@@ -37,9 +37,10 @@ MAX_ATTEMPTS = 25
 IDLE_SECONDS = 60.0
 #: a precondition on update_time did not hold
 CONFLICTS = (gexc.FailedPrecondition, gexc.Aborted)
-# Fields a conditional write reads: the status (transitions, and the barrier
-# for stale sets) and the history it appends to.
-READ_FOR_WRITE = ["status", "status_at", "history"]
+# Fields every write reads (and then writes under a precondition on the document's update time):
+# the status (transitions, the barrier for stale sets, and the end after which nothing but `settled`
+# is written), the lists it appends to or rewrites, the percent it derives, and money it sums exactly.
+READ_FOR_WRITE = ["status", "status_at", "history", "stages", "percent", "failures", "cost", "settled"]
 #: counters written at once, not buffered: finishing and recovery read them, and a process killed
 #: with a buffer loses it (a fan-out's total, once per fan-out; measured lost as "total 1 of 81")
 WRITTEN_AT_ONCE = frozenset({"steps.total"})
@@ -216,35 +217,31 @@ class PacedWriter:
                 if st.queue and not st.queue[0]:
                     st.queue.pop(0)
             return bool(st.queue)
-        snap = None
         try:
-            if paced or peek.events or peek.set:
-                snap = ref.get(field_paths=READ_FOR_WRITE)
-                if not snap.exists:
-                    self._drop(run_id, st)
-                    return False
-                wait = snap.update_time.timestamp() + self.interval - time.time()
-                if paced and wait > 0:
-                    # min(): a clock far behind Firestore's must not stall the run.
-                    st.due = time.monotonic() + min(wait, self.interval) + random.uniform(0, self.interval / 10)
-                    return False
+            snap = ref.get(field_paths=READ_FOR_WRITE)
+            if not snap.exists:
+                self._drop(run_id, st)
+                return False
+            wait = snap.update_time.timestamp() + self.interval - time.time()
+            if paced and wait > 0:
+                # min(): a clock far behind Firestore's must not stall the run.
+                st.due = time.monotonic() + min(wait, self.interval) + random.uniform(0, self.interval / 10)
+                return False
             with self.lock:
                 taken = st.queue.pop(0) if st.queue else None
             if not taken:
                 return False
-            if snap is None and (taken.events or taken.set):
-                self.restore(st, taken)  # it grew sets or events since the peek: they need the read
-                return True
         except gexc.GoogleAPIError as exc:
             self._backoff(run_id, st, exc)
             return False
         try:
-            if snap is None:
-                # Increments and maxima commute: no read, no precondition.
-                ref.update(taken.fields(None, self._limit))
-            else:
-                option = self._db().write_option(last_update_time=snap.update_time)
-                ref.update(taken.fields(snap.to_dict(), self._limit), option=option)
+            fields = taken.fields(snap.to_dict(), self._limit)
+            if not fields:
+                # The run ended: what was buffered for it is not written (a terminal document stays as it was).
+                log.debug("run %s has ended; dropped buffered changes %r", run_id, taken)
+                return bool(st.queue)
+            option = self._db().write_option(last_update_time=snap.update_time)
+            ref.update(fields, option=option)
         except CONFLICTS:
             self.count(run_id, applied=False)
             self.restore(st, taken)
