@@ -60,6 +60,17 @@ class InvalidParams(UsageError):
         super().__init__(f"invalid parameters for workflow {workflow!r}: {detail}")
 
 
+class ParamsTooLarge(InvalidParams):
+    """Raised when a run's parameters, as JSON, are larger than the workflow's max_params_bytes."""
+
+    def __init__(self, workflow: str, size: int, limit: int, field: str = "(parameters)") -> None:
+        self.size = size
+        self.limit = limit
+        message = (f"are {size} bytes of JSON; workflow {workflow!r} takes at most {limit} "
+                   "(max_params_bytes, HAULAGE_MAX_PARAMS_BYTES)")  # fmt: skip
+        super().__init__(workflow, [{"field": field, "message": message}])
+
+
 class UnknownWorkflow(NotFound):
     """Raised when a workflow name is not in the registry."""
 
@@ -199,3 +210,7 @@ class ExecutionDeadlineExceeded(ExecutionFailed):
 
 class JobError(DispatchError):
     """Raised by the job container entrypoint when it cannot run its step (env, payload, lock)."""
+
+
+class HandoffRefused(JobError):
+    """Raised by the job container when a hand-off's signature is missing or does not match its key."""

@@ -6,6 +6,8 @@ All keys start with the configured prefix (HAULAGE_KEY_PREFIX, default
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from haulage.settings import get_settings
 
 
@@ -16,6 +18,30 @@ def _p() -> str:
 def runs_index() -> str:
     """Sorted set of run ids scored by creation time."""
     return f"{_p()}:runs"
+
+
+def runs_index_for(*, created_by: str | None = None, workflow: str | None = None) -> str:
+    """Sorted set of the run ids one creator and/or one workflow started, scored by creation time.
+
+    Both parts are percent-encoded, so a creator named ``a:wf:b`` cannot name another index.
+    """
+    parts = [f"by:{quote(created_by, safe='')}"] if created_by is not None else []
+    if workflow is not None:
+        parts.append(f"wf:{quote(workflow, safe='')}")
+    return f"{_p()}:runs:{':'.join(parts)}" if parts else runs_index()
+
+
+def runs_indexed() -> str:
+    """Set once runs recorded before the per-creator and per-workflow indexes existed were added to them."""
+    return f"{_p()}:runs-indexed"
+
+
+def runs_indexes(*, created_by: str | None, workflow: str) -> list[str]:
+    """Every index a run of ``workflow`` by ``created_by`` belongs to (the global one first)."""
+    out = [runs_index(), runs_index_for(workflow=workflow)]
+    if created_by is not None:
+        out += [runs_index_for(created_by=created_by), runs_index_for(created_by=created_by, workflow=workflow)]
+    return out
 
 
 def run(run_id: str) -> str:
@@ -41,6 +67,11 @@ def guards(run_id: str) -> str:
 def changes_channel(run_id: str) -> str:
     """Pub/sub channel that gets a message whenever the run document changes."""
     return f"{_p()}:run:{run_id}:changed"
+
+
+def api_hub_channel() -> str:
+    """Pub/sub channel an API process's shared subscription always listens to (nothing publishes on it)."""
+    return f"{_p()}:api-hub"
 
 
 def completions_channel() -> str:
@@ -89,6 +120,17 @@ def lost_run(run_id: str) -> str:
 def stage_progress(run_id: str) -> str:
     """Hash of finished-unit counters per plan stage, for the run's percent."""
     return f"{_p()}:run:{run_id}:stages"
+
+
+def fan_in(run_id: str, stage: int, part: str) -> str:
+    """A fan-out stage's fan-in (haulage/tasks/fan_in.py); ``part``: "ok"/"failed" (hashes of item index ->
+    its final reference), "next" (the rest of the chain), "lease" (who publishes it), "continued"."""
+    return f"{_p()}:run:{run_id}:fanin:{stage}:{part}"
+
+
+def fan_in_pattern(run_id: str) -> str:
+    """Glob matching every fan-in key of a run (for deletion)."""
+    return f"{_p()}:run:{run_id}:fanin:*"
 
 
 def ledger(run_id: str, step_key: str, name: str) -> str:

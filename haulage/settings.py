@@ -12,10 +12,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from haulage.errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_SENTINEL_MASTER = "mymaster"  #: the name Redis's own Sentinel examples give the group
 
 # A Cloud Run job: its full resource name, or a bare job id completed by project and region.
 _JOB_NAME_RE = re.compile(r"^projects/[^/]+/locations/[^/]+/jobs/[^/]+$")
@@ -51,10 +53,61 @@ def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 
 
 @dataclass(frozen=True)
+class SentinelAddress:
+    """Where a ``sentinel://`` URL points: the sentinels, and the database and credentials of the master."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int
+    username: str | None
+    password: str | None
+
+
+def is_sentinel(url: str) -> bool:
+    return url.startswith("sentinel://")
+
+
+def parse_sentinel_url(url: str, name: str = "HAULAGE_REDIS_URL") -> SentinelAddress:
+    """``sentinel://[[user]:password@]host:port[/db];sentinel://host:port[/db];...`` (kombu's and Celery's form).
+
+    Every part names one sentinel; the database (default 0) and the credentials (the master's,
+    not the sentinels') may be given on any part, the same wherever they appear.
+    """
+    sentinels, dbs, users, passwords = [], set(), set(), set()
+    for part in url.split(";"):
+        split = urlsplit(part.strip())
+        try:
+            port = split.port or 26379
+        except ValueError:
+            raise ConfigError(f"{name} has a sentinel with a bad port: {_shown(part)!r}") from None
+        if split.scheme != "sentinel" or not split.hostname:
+            raise ConfigError(f"{name} must be sentinel://host:port[/db] parts joined by ';', got {_shown(part)!r}")
+        sentinels.append((split.hostname, port))
+        db = split.path.strip("/")
+        if db:
+            if not db.isdigit():
+                raise ConfigError(f"{name} must name a database number after the sentinel, got {db!r}")
+            dbs.add(int(db))
+        if split.username:
+            users.add(unquote(split.username))
+        if split.password:
+            passwords.add(unquote(split.password))
+    if len(dbs) > 1 or len(users) > 1 or len(passwords) > 1:
+        raise ConfigError(f"{name} gives different databases or credentials on its sentinels: {_shown(url)!r}")
+    return SentinelAddress(tuple(sentinels), dbs.pop() if dbs else 0, users.pop() if users else None,
+                           passwords.pop() if passwords else None)  # fmt: skip
+
+
+def _shown(url: str) -> str:
+    # Never print a password that may be in the URL.
+    return ";".join(f"{p.partition('://')[0]}://{p.rpartition('@')[2]}" if "@" in p else p for p in url.split(";"))
+
+
+@dataclass(frozen=True)
 class Settings:
     """Resolved settings; build with :func:`get_settings`."""
 
-    redis_url: str
+    redis_url: str  #: ``redis://``, ``rediss://``, ``unix://`` or ``sentinel://`` (a Sentinel group)
+    redis_sentinel_master: str  #: the Sentinel group's master name, for every ``sentinel://`` URL
     broker_url: str
     result_backend: str
     modules: tuple[str, ...]
@@ -83,6 +136,9 @@ class Settings:
     cloudrun_call_timeout: float  #: seconds; the deadline of every Cloud Run API call
     cloudrun_deadline_margin: float  #: seconds past the step's timeout before Haulage cancels an execution
     redis_check: str  #: "refuse" (default), "warn" or "off": a worker's start-up look at Redis's eviction policy
+    handoff_key_file: Path  #: the dispatcher's hand-off signing key (a mounted secret); the job reads its own config
+    cloudrun_token: str  #: bearer token for the local Cloud Run server (HAULAGE_CLOUDRUN_ENDPOINT); "" none
+    max_params_bytes: int = 262_144  #: bytes of JSON a run's parameters may take, unless its workflow sets its own
 
 
 def load_settings() -> Settings:
@@ -98,10 +154,17 @@ def load_settings() -> Settings:
             f"got {max_countdown:g}"
         )
     modules = tuple(m.strip() for m in os.environ.get("HAULAGE_MODULES", "").split(",") if m.strip())
+    broker_url = _str("HAULAGE_BROKER_URL", redis_url)
+    result_backend = _str("HAULAGE_RESULT_BACKEND", redis_url)
+    for name, url in (("HAULAGE_REDIS_URL", redis_url), ("HAULAGE_BROKER_URL", broker_url),
+                      ("HAULAGE_RESULT_BACKEND", result_backend)):  # fmt: skip
+        if is_sentinel(url):
+            parse_sentinel_url(url, name)  # a malformed group fails here, at start-up
     return Settings(
         redis_url=redis_url,
-        broker_url=_str("HAULAGE_BROKER_URL", redis_url),
-        result_backend=_str("HAULAGE_RESULT_BACKEND", redis_url),
+        redis_sentinel_master=_str("HAULAGE_REDIS_SENTINEL_MASTER", DEFAULT_SENTINEL_MASTER),
+        broker_url=broker_url,
+        result_backend=result_backend,
         modules=modules,
         celery_config=_str("HAULAGE_CELERYCONFIG", ""),
         store=_choice("HAULAGE_STORE", "redis", ("redis", "firestore")),
@@ -128,6 +191,9 @@ def load_settings() -> Settings:
         cloudrun_call_timeout=_number("HAULAGE_CLOUDRUN_CALL_TIMEOUT", 30.0, minimum=0.1),
         cloudrun_deadline_margin=_number("HAULAGE_CLOUDRUN_DEADLINE_MARGIN", 300.0, minimum=0),
         redis_check=_choice("HAULAGE_REDIS_CHECK", "refuse", ("refuse", "warn", "off")),
+        handoff_key_file=Path(_str("HAULAGE_HANDOFF_KEY_FILE", "/secrets/haulage/handoff-key")),
+        cloudrun_token=_str("HAULAGE_CLOUDRUN_TOKEN", ""),
+        max_params_bytes=int(_number("HAULAGE_MAX_PARAMS_BYTES", 262_144, minimum=1)),
     )
 
 

@@ -24,7 +24,7 @@ from haulage.devtools.redis_server import free_port, start_redis  # noqa: E402
 
 _PORT = int(os.environ.get("HAULAGE_TEST_REDIS_PORT") or free_port())
 os.environ["HAULAGE_REDIS_URL"] = f"redis://127.0.0.1:{_PORT}/0"
-os.environ["HAULAGE_MODULES"] = "tests.flows,haulage.examples,tests.dispatch_flows"
+os.environ["HAULAGE_MODULES"] = "tests.flows,haulage.examples,tests.dispatch_flows,tests.document_flows"
 os.environ.setdefault("HAULAGE_MAX_COUNTDOWN", "2")
 os.environ.setdefault("HAULAGE_VISIBILITY_TIMEOUT", "60")
 os.environ.setdefault("HAULAGE_LOCK_LIVENESS", "3")

@@ -15,7 +15,7 @@ import functools
 import redis
 
 from haulage.coordination.redis_coordination import RedisCoordination
-from haulage.coordination.seam import CompletionFeed, Coordination, Handoff, LockGrant, LockRelease
+from haulage.coordination.seam import CompletionFeed, Coordination, FanInEntry, Handoff, LockGrant, LockRelease
 from haulage.redis_client import get_redis
 
 
@@ -39,4 +39,5 @@ __all__ = [
     "Handoff",
     "LockGrant",
     "LockRelease",
+    "FanInEntry",
 ]

@@ -21,7 +21,7 @@ from typing import Any, cast
 import redis
 
 from haulage import keys
-from haulage.coordination.seam import Handoff, LockGrant, LockRelease
+from haulage.coordination.seam import FanInEntry, Handoff, LockGrant, LockRelease
 from haulage.errors import LockUnavailable
 from haulage.jsonutil import dumps, loads
 
@@ -46,6 +46,59 @@ if ARGV[2] ~= '' then count = redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
 return {released, count}
 """
 
+
+# KEYS: ok refs, failed refs, lease, continued; ARGV: total, lease ms, token, then (index, ok, ref) triples.
+# One script: two items landing at once cannot both see the stage complete, nor both miss it.
+# Open a stage's fan-in: store what follows it. A new opener (a first expansion, or a resume's) also
+# clears the failures, the lease and the continued mark, so re-run items count afresh; the same opener
+# again (a redelivery or a retry of the expansion) keeps them, so finished failures are not lost.
+# KEYS: next, failed, lease, continued, opener. ARGV: continuation, opener ("" resets always).
+_FAN_IN_OPEN = """
+if ARGV[2] == '' or redis.call('GET', KEYS[5]) ~= ARGV[2] then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  redis.call('SET', KEYS[5], ARGV[2])
+end
+redis.call('SET', KEYS[1], ARGV[1])
+"""
+
+_FAN_IN_ADD = """
+for j = 4, #ARGV, 3 do
+  if ARGV[j + 1] == '1' then
+    redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 2])
+    redis.call('HDEL', KEYS[2], ARGV[j])
+  elseif redis.call('HEXISTS', KEYS[1], ARGV[j]) == 0 then
+    redis.call('HSET', KEYS[2], ARGV[j], ARGV[j + 2])
+  end
+end
+if redis.call('HLEN', KEYS[1]) + redis.call('HLEN', KEYS[2]) < tonumber(ARGV[1]) then return 0 end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+local holder = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[2])
+return 1
+"""
+
+# The release and the fan-in record in one script: KEYS as _RELEASE's then _FAN_IN_ADD's; ARGV as _RELEASE's,
+# then the fan-in's (total, lease ms, token, index, ok, ref). Returns {released, count, continue}.
+_RELEASE_FAN_IN = """
+local released = 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then released = redis.call('DEL', KEYS[1]) end
+redis.call('DEL', ARGV[3] .. ARGV[1])
+local count = -1
+if ARGV[2] ~= '' then count = redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[3], ARGV[7], ARGV[9])
+  redis.call('HDEL', KEYS[4], ARGV[7])
+elseif redis.call('HEXISTS', KEYS[3], ARGV[7]) == 0 then
+  redis.call('HSET', KEYS[4], ARGV[7], ARGV[9])
+end
+if redis.call('HLEN', KEYS[3]) + redis.call('HLEN', KEYS[4]) < tonumber(ARGV[4]) then return {released, count, 0} end
+if redis.call('EXISTS', KEYS[6]) == 1 then return {released, count, 0} end
+local holder = redis.call('GET', KEYS[5])
+if holder and holder ~= ARGV[6] then return {released, count, 0} end
+redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[5])
+return {released, count, 1}
+"""
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
@@ -85,6 +138,9 @@ class RedisCoordination:
         # EVALSHA with the script cached in Redis, instead of sending the source every call.
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        self._fan_in_add = client.register_script(_FAN_IN_ADD)
+        self._fan_in_open = client.register_script(_FAN_IN_OPEN)
+        self._release_fan_in = client.register_script(_RELEASE_FAN_IN)
 
     # --- step locks -----------------------------------------------------
     def acquire_lock(
@@ -100,13 +156,21 @@ class RedisCoordination:
     def refresh_liveness(self, token: str, liveness_seconds: float) -> None:
         self.r.set(keys.lock_alive(token), "1", px=_ms(liveness_seconds))
 
-    def release_lock(self, run_id: str, step_key: str, token: str, *, count_stage: int | None = None) -> LockRelease:
+    def release_lock(self, run_id: str, step_key: str, token: str, *, count_stage: int | None = None,
+                     fan_in: FanInEntry | None = None) -> LockRelease:  # fmt: skip
         field = "" if count_stage is None else str(count_stage)
-        released, count = self._release(
-            keys=[keys.step_lock(run_id, step_key), keys.stage_progress(run_id)],
-            args=[token, field, keys.lock_alive("")],
-        )
-        return LockRelease(released=bool(released), stage_count=None if count_stage is None else int(count))
+        lock_keys = [keys.step_lock(run_id, step_key), keys.stage_progress(run_id)]
+        args: list[Any] = [token, field, keys.lock_alive("")]
+        if fan_in is None:
+            released, count = self._release(keys=lock_keys, args=args)
+            carry_on = 0
+        else:
+            parts = [keys.fan_in(run_id, fan_in.stage, part) for part in ("ok", "failed", "lease", "continued")]
+            args += [fan_in.total, _ms(fan_in.lease_seconds), fan_in.token, fan_in.item,
+                     "1" if fan_in.ref.get("ok") == 1 else "0", dumps(fan_in.ref)]  # fmt: skip
+            released, count, carry_on = self._release_fan_in(keys=lock_keys + parts, args=args)
+        return LockRelease(released=bool(released), stage_count=None if count_stage is None else int(count),
+                           continue_stage=bool(carry_on))  # fmt: skip
 
     def lock_holder(self, run_id: str, step_key: str) -> str | None:
         raw = self.r.get(keys.step_lock(run_id, step_key))
@@ -174,6 +238,34 @@ class RedisCoordination:
     def count_stage(self, run_id: str, stage: int) -> int:
         return int(self.r.hincrby(keys.stage_progress(run_id), str(stage), 1))
 
+    # --- fan-in ---------------------------------------------------------
+    def fan_in_open(self, run_id: str, stage: int, continuation: list[dict[str, Any]], *,
+                    opener: str = "") -> None:  # fmt: skip
+        parts = [keys.fan_in(run_id, stage, part) for part in ("next", "failed", "lease", "continued", "opener")]
+        self._fan_in_open(keys=parts, args=[dumps(continuation), opener])
+
+    def fan_in_add(self, run_id: str, stage: int, refs: dict[int, dict[str, Any]], total: int, token: str,
+                   lease_seconds: float) -> bool:  # fmt: skip
+        args: list[Any] = [total, _ms(lease_seconds), token]
+        for index, ref in refs.items():
+            args += [index, "1" if ref.get("ok") == 1 else "0", dumps(ref)]
+        parts = [keys.fan_in(run_id, stage, part) for part in ("ok", "failed", "lease", "continued")]
+        return bool(self._fan_in_add(keys=parts, args=args))
+
+    def fan_in_continuation(self, run_id: str, stage: int) -> list[dict[str, Any]] | None:
+        raw = self.r.get(keys.fan_in(run_id, stage, "next"))
+        return None if raw is None else cast(list[dict[str, Any]], loads(cast(bytes, raw)))
+
+    def fan_in_continued(self, run_id: str, stage: int) -> None:
+        self.r.set(keys.fan_in(run_id, stage, "continued"), "1")
+
+    def fan_in_refs(self, run_id: str, stage: int) -> list[dict[str, Any]]:
+        with self.r.pipeline(transaction=True) as pipe:  # both halves as of one moment
+            pipe.hvals(keys.fan_in(run_id, stage, "ok"))
+            pipe.hvals(keys.fan_in(run_id, stage, "failed"))
+            ok, failed = pipe.execute()
+        return [loads(raw) for raw in (*ok, *failed)]
+
     # --- ledgers --------------------------------------------------------
     def ledger_add(self, run_id: str, step_key: str, name: str, item_id: str) -> None:
         self.r.sadd(keys.ledger(run_id, step_key, name), item_id)
@@ -208,4 +300,5 @@ class RedisCoordination:
     # --- retention ------------------------------------------------------
     def purge_run(self, run_id: str) -> None:
         ledgers = list(self.r.scan_iter(keys.ledger_pattern(run_id)))
-        self.r.delete(keys.stage_progress(run_id), keys.crashes(run_id), *ledgers)
+        fan_ins = list(self.r.scan_iter(keys.fan_in_pattern(run_id)))
+        self.r.delete(keys.stage_progress(run_id), keys.crashes(run_id), *ledgers, *fan_ins)

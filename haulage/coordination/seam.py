@@ -35,6 +35,19 @@ class LockRelease:
 
     released: bool  #: False when the caller no longer held the lock (it lapsed and someone took it)
     stage_count: int | None  #: the stage's finished count after this release counted one; None if none was counted
+    continue_stage: bool = False  #: the fan-in entry it recorded completed the stage: the caller publishes
+
+
+@dataclass(frozen=True)
+class FanInEntry:
+    """A fan-out item's final reference, recorded by :meth:`Coordination.release_lock` in the same step."""
+
+    stage: int
+    item: int
+    ref: dict[str, Any]
+    total: int  #: the items the fan-in waits for
+    token: str  #: the delivery (Celery task id) that publishes if this completes the stage
+    lease_seconds: float
 
 
 class Handoff(Enum):
@@ -71,12 +84,15 @@ class Coordination(Protocol):
     def refresh_liveness(self, token: str, liveness_seconds: float) -> None:
         """Keep the holder ``token`` alive for another ``liveness_seconds`` (its heartbeat)."""
 
-    def release_lock(self, run_id: str, step_key: str, token: str, *, count_stage: int | None = None) -> LockRelease:
+    def release_lock(self, run_id: str, step_key: str, token: str, *, count_stage: int | None = None,
+                     fan_in: FanInEntry | None = None) -> LockRelease:  # fmt: skip
         """Release the lock if ``token`` still holds it (compare-and-delete) and end the holder's liveness.
 
         A lock that lapsed and was taken by another holder is left to that
         holder. When ``count_stage`` is given, one finished unit of that stage
-        is counted in the same atomic step, whoever held the lock.
+        is counted in the same atomic step, whoever held the lock; when
+        ``fan_in`` is given, it is recorded as :meth:`fan_in_add` would, also
+        in the same step (one round trip for the end of a fan-out item).
         """
 
     def lock_holder(self, run_id: str, step_key: str) -> str | None:
@@ -121,6 +137,32 @@ class Coordination(Protocol):
     def count_stage(self, run_id: str, stage: int) -> int:
         """Count one finished unit of plan stage ``stage``; return the stage's new count (atomic)."""
 
+    # --- fan-in ---------------------------------------------------------
+    def fan_in_open(self, run_id: str, stage: int, continuation: list[dict[str, Any]], *,
+                    opener: str = "") -> None:  # fmt: skip
+        """At each expansion of fan-out ``stage``: keep ``continuation`` (the rest of the chain, JSON) to
+        publish when the last item lands, and forget earlier failures and publish marks (a re-expansion
+        runs the failed items again and publishes the continuation again)."""
+
+    def fan_in_add(self, run_id: str, stage: int, refs: dict[int, dict[str, Any]], total: int, token: str,
+                   lease_seconds: float) -> bool:  # fmt: skip
+        """Record the final reference of each item in ``refs`` (by index), atomically.
+
+        An item's success replaces its failure, never the other way. True when all ``total`` items
+        have landed, the continuation is not yet marked published, and the caller ``token`` holds (or
+        took) the publish lease for ``lease_seconds``: that caller, and only it, publishes. The same
+        token asking again (its delivery redelivered) is answered True again.
+        """
+
+    def fan_in_continuation(self, run_id: str, stage: int) -> list[dict[str, Any]] | None:
+        """The continuation :meth:`fan_in_open` kept, or None."""
+
+    def fan_in_continued(self, run_id: str, stage: int) -> None:
+        """Mark the continuation published (in the broker): later arrivals do not publish it again."""
+
+    def fan_in_refs(self, run_id: str, stage: int) -> list[dict[str, Any]]:
+        """Every item's final reference, in no particular order."""
+
     # --- ledgers --------------------------------------------------------
     def ledger_add(self, run_id: str, step_key: str, name: str, item_id: str) -> None:
         """Record ``item_id`` in the ledger ``name`` of (run, step); adding it again changes nothing."""
@@ -150,4 +192,4 @@ class Coordination(Protocol):
 
     # --- retention ------------------------------------------------------
     def purge_run(self, run_id: str) -> None:
-        """Delete the run's stage counters and ledgers, and nothing of any other run."""
+        """Delete the run's stage counters, fan-ins and ledgers, and nothing of any other run."""

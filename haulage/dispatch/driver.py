@@ -35,10 +35,12 @@ from redis.exceptions import RedisError
 
 from haulage.dispatch import handoff
 from haulage.dispatch.cloudrun import CloudRunJobs, created_at, get_cloudrun, is_done, job_name, outcome, succeeded
+from haulage.dispatch.job_config import read_key
 from haulage.dispatch.routing import CLOUDRUN, LOCAL_FALLBACK
 from haulage.errors import (
     CloudRunNotConfigured,
     CloudRunUnavailable,
+    ConfigError,
     ExecutionDeadlineExceeded,
     ExecutionFailed,
 )
@@ -49,6 +51,7 @@ from haulage.tasks.app import app
 from haulage.tasks.checkpoints import check_name
 from haulage.tasks.definition import Step
 from haulage.tasks.durable import Finished, prepare
+from haulage.tasks.fan_in import FAN_IN_WAIT, FanInIncomplete, report_or_retry
 from haulage.tasks.flow import Flow, ok_ref, skipped_ref
 from haulage.tasks.queues import queue_for
 from haulage.tasks.records import (
@@ -56,7 +59,6 @@ from haulage.tasks.records import (
     mark_processing,
     record_failure,
     record_retry,
-    report_stage_progress,
 )
 from haulage.tasks.step import get_step
 
@@ -80,7 +82,9 @@ def drive_execution(task: Any, *args: Any, run_id: str, key: str, params: dict[s
     """Run one step as a Cloud Run execution (see the module docstring); returns the step's reference."""
     driver = Driver(task, get_step(step), args, run_id=run_id, key=key, params=params, flow=flow)
     try:
-        return driver.run()
+        ref = driver.run()
+        report_or_retry(task, run_id, flow, ref, countdown=REDIS_WAIT)  # a fan-out item's last step: counted
+        return ref
     except RedisError as exc:
         # Without the store we cannot know what was started: do nothing, come back.
         log.warning("step %s of run %s: Redis error (%s); trying again in %.0fs", key, run_id, exc, REDIS_WAIT)
@@ -135,7 +139,11 @@ class Driver:
         self.settings = get_settings()
 
     def run(self) -> Any:
-        ready = prepare(self.store, self.step, self.args, run_id=self.run_id, key=self.key, flow=self.flow)
+        try:
+            ready = prepare(self.store, self.step, self.args, run_id=self.run_id, key=self.key, flow=self.flow)
+        except FanInIncomplete as exc:
+            log.info("step %s: %s", self.key, exc)
+            raise self.task.retry(countdown=FAN_IN_WAIT, max_retries=None) from exc
         record = self.store.get_step(self.run_id, self.key)
         if isinstance(ready, Finished):
             if ready.status is not None:
@@ -181,12 +189,18 @@ class Driver:
             return self._fall_back(str(exc), "client")
         from google.api_core.exceptions import GoogleAPIError  # optional: the [cloudrun] extra
 
-        handoff.put_payload(self.run_id, self.key, handoff.Payload(self.step.name, list(self.args), self.params,
-                                                                   self.flow, self.task.request.id))  # fmt: skip
+        try:
+            key = read_key(self.settings.handoff_key_file)  # HAULAGE_HANDOFF_KEY_FILE, a mounted secret
+        except ConfigError as exc:
+            return self._fall_back(f"cannot sign the hand-off: {exc}", "handoff-key")
+        payload = handoff.Payload(self.step.name, list(self.args), self.params, self.flow, self.task.request.id)
+        handoff.put_payload(self.run_id, self.key, payload)
+        signature = handoff.sign(key, run_id=self.run_id, step_key=self.key, attempt=self.attempt, payload=payload)
         self._put(StepStatus.RUNNING, message=STARTING)
         try:
             name: str | None = cloud.run_job(step_name=self.step.name, run_id=self.run_id, step_key=self.key,
-                                             attempt=self.attempt, timeout=self.step.hard_limit)  # fmt: skip
+                                             attempt=self.attempt, timeout=self.step.hard_limit,
+                                             signature=signature)  # fmt: skip
         except GoogleAPIError as exc:
             code = _code(exc)
             name = self._find(cloud) if type(exc).__name__ in _AMBIGUOUS else None
@@ -283,7 +297,7 @@ class Driver:
         ref = record_failure(self.store, self.run_id, step, self.key, attempt, error_type, message, self.params,
                              self.flow, backend=CLOUDRUN, execution=name)  # fmt: skip
         # Only a fan-out item gets here (a chain step's failure raised StepFailed): count it finished.
-        report_stage_progress(self.store, self.run_id, self.flow, count_finished_unit(self.run_id, self.flow))
+        count_finished_unit(self.run_id, self.flow)
         return ref
 
     def _stop(self, record: StepRecord | None, status: RunStatus) -> None:

@@ -21,7 +21,9 @@ def input_keys(flow: Flow, prev: Any) -> list[str]:
     if flow["input"] == "value" and isinstance(prev, dict) and prev.get("ok") == 1:
         return [prev["k"]]
     if flow["input"] == "results" and isinstance(prev, list):
-        return [r["k"] for r in prev if isinstance(r, dict) and r.get("ok") == 1]
+        # A failed item's parameters are a checkpoint of their own (see flow.failure_ref).
+        return [r["k"] if r.get("ok") == 1 else r["pk"] for r in prev
+                if isinstance(r, dict) and (r.get("ok") == 1 or "pk" in r)]  # fmt: skip
     return []
 
 
@@ -43,7 +45,10 @@ def build_input(flow: Flow, prev: Any, cps: dict[str, Checkpoint]) -> tuple[list
                 raise MissingCheckpoint(f"the checkpoint of fan-out step {ref['k']!r} is missing")
             successes.append(cp.value)
         elif "error_type" in ref:
-            failures.append(Failure(ref.get("params") or {}, ref["error_type"], ref["message"], ref["k"]))
+            kept = cps.get(ref["pk"]) if "pk" in ref else None
+            # A ref with "params" in it was written before the store kept them (a run in flight across an upgrade).
+            params = kept.value if kept is not None else ref.get("params")
+            failures.append(Failure(params or {}, ref["error_type"], ref["message"], ref["k"]))
     results = Results(successes, failures)
     return [results], results
 

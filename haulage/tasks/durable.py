@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from haulage.coordination import get_coordination
+from redis.exceptions import RedisError
+
+from haulage.coordination import FanInEntry, get_coordination
 from haulage.errors import Cancelled, LockUnavailable, NondeterminismError, RunCancelled, StepResultNotSerializable
 from haulage.jsonutil import check_serializable
 from haulage.logs import step_scope
@@ -38,16 +41,26 @@ from haulage.tasks.checkpoints import build_input, check_name, input_keys
 from haulage.tasks.context import StepContext
 from haulage.tasks.definition import Step
 from haulage.tasks.ending import fail_run, policy_blocks
-from haulage.tasks.flow import Flow, is_failure, ok_ref, skipped_ref, stage_percent
+from haulage.tasks.fan_in import (
+    FAN_IN_WAIT,
+    LEASE_SECONDS,
+    ContinuationUnpublished,
+    FanInIncomplete,
+    publish_continuation,
+    report_item,
+    report_or_retry,
+    resolve_input,
+)
+from haulage.tasks.flow import Flow, is_failure, ok_ref, skipped_ref
 from haulage.tasks.heartbeat import Heartbeat
 from haulage.tasks.lock import StepLock
 from haulage.tasks.records import (
     RESULT_REFUSED,
+    item_fields,
     mark_processing,
     not_run,
     record_failure,
     record_retry,
-    report_stage_progress,
     write_result,
 )
 from haulage.tasks.results import Results
@@ -57,6 +70,8 @@ log = logging.getLogger("haulage.durable")
 
 #: seconds a delivery that finds the step locked waits before looking again
 LOCK_WAIT = 2.0
+#: seconds between tries of a fan-out item's report after its lock release failed on Redis (about 7 s in all)
+REPORT_RETRY_DELAYS = (0.5, 1.0, 2.0, 3.5)
 
 
 @dataclass
@@ -73,13 +88,14 @@ class Ready:
 
     inputs: list[Any]
     results: Results | None
+    status: RunStatus | None = None  #: the run's status as read with the checkpoints
 
 
 def prepare(store: Store, step: Step, args: tuple[Any, ...], *, run_id: str, key: str,
             flow: Flow) -> Finished | Ready:  # fmt: skip
     """The checks made before anything runs: a failed input, a terminal run, a checkpoint, the fan-in policy."""
     item = flow["item"]
-    prev = args[0] if args else None
+    prev = resolve_input(args[0] if args else None)  # after a fan-out: the fan-in's references
     if flow["input"] == "value" and is_failure(prev):
         return Finished(prev)  # an earlier step of this fan-out item failed: carry its failure to the fan-in
     status, cps = store.load_step_state(run_id, [key, *input_keys(flow, prev)])
@@ -97,7 +113,7 @@ def prepare(store: Store, step: Step, args: tuple[Any, ...], *, run_id: str, key
     inputs, results = build_input(flow, prev, cps)
     if policy_blocks(store, run_id, flow, results, key):
         return Finished(skipped_ref(key, item, "failed"))
-    return Ready(inputs, results)
+    return Ready(inputs, results, status)
 
 
 class Attempt:
@@ -122,6 +138,12 @@ class Attempt:
         self.execution = execution
         #: the stage whose finished-unit counter this attempt bumps when it releases the lock
         self.counted: int | None = None
+        self.started_at: float | None = None  #: when this attempt took the lock and began
+        #: True once the lock's release recorded this fan-out item's reference in its fan-in
+        self.reported = False
+
+    #: whether this attempt records a fan-out item's end in the fan-in itself (see :meth:`release`)
+    reports_fan_in = False
 
     # --- hooks ----------------------------------------------------------
     def acquire(self, lock: StepLock) -> bool:
@@ -156,89 +178,127 @@ class Attempt:
             message = (f"the worker running the step died {deaths} times "
                        f"(HAULAGE_CRASH_RETRIES={budget} re-runs after a crash allowed)")  # fmt: skip
             return record_failure(store, self.run_id, self.step, self.key, self.attempt, "WorkerLost", message,
-                                  self.params, self.flow, backend=self.backend, note=self.note)  # fmt: skip
+                                  self.params, self.flow, backend=self.backend, note=self.note,
+                                  started_at=self.started_at)  # fmt: skip
         store.update_run(self.run_id, RunUpdate(events=[Event(
             now(), "crash", f"{self.step.name} attempt {self.attempt} was cut short: the worker running it died "
             f"(crash {deaths} of {budget} allowed); running it again", self.key)]))  # fmt: skip
         return None
 
     def record(self, status: StepStatus, **fields: Any) -> StepRecord:
+        fields.setdefault("started_at", self.started_at)
         return StepRecord(self.key, self.step.name, status, self.attempt, backend=self.backend,
-                          message=self.note, execution=self.execution, **fields)  # fmt: skip
+                          message=self.note, execution=self.execution, **item_fields(self.flow, self.params),
+                          **fields)  # fmt: skip
+
+    def wait_for_fan_in(self, exc: FanInIncomplete) -> BaseException:
+        """What to raise when the fan-in this step follows has not fully landed: here, the error itself."""
+        return exc
 
     def run(self, *args: Any) -> Any:
         store = get_store()
         step, run_id, key, flow = self.step, self.run_id, self.key, self.flow
         item = flow["item"]
-        ready = prepare(store, step, args, run_id=run_id, key=key, flow=flow)
+        try:
+            ready = prepare(store, step, args, run_id=run_id, key=key, flow=flow)
+        except FanInIncomplete as exc:
+            raise self.wait_for_fan_in(exc) from exc
         if isinstance(ready, Finished):
             return ready.ref
 
         lock = StepLock(get_coordination(), run_id, key, step.hard_limit + get_settings().lock_margin)
         if not self.acquire(lock):
             return ok_ref(key, item)
+        ref: Any = None
         try:
-            # Read before this attempt's own record replaces it: what the holder we took over from left.
-            before = store.get_step(run_id, key) if lock.stolen else None
-            mark_processing(store, run_id, flow)
-            if store.start_step(run_id, self.record(StepStatus.RUNNING, task_id=self.task_id),
-                                RunUpdate(set={"heartbeat": now()})) is not None:  # fmt: skip
-                return ok_ref(key, item)  # finished by another delivery while we waited for the lock
-            if lock.stolen:
-                log.warning("step %s of run %s: took the lock over from a holder that died", key, run_id)
-                dead = self.previous_attempt_died(store, before)
-                if dead is not None:
-                    return dead
-            last_error = flow.get("last_error")
-            if last_error and step.policy.exhausted(self.attempt - 1):
-                # The previous attempt was killed at its hard time limit and it was the last one allowed.
-                self.counted = flow["stage"]
-                return record_failure(store, run_id, step, key, self.attempt - 1, last_error[0], last_error[1],
-                                      self.params, flow, backend=self.backend, note=self.note)  # fmt: skip
-            ctx = StepContext(store, run_id=run_id, step_key=key, step_name=step.name, attempt=self.attempt,
-                              flow=flow, backend=self.backend, lock_token=lock.token)  # fmt: skip
-            try:
-                with Heartbeat(lock, store, run_id), step_scope(run_id=run_id, step_key=key, attempt=self.attempt,
-                                                                backend=self.backend):  # fmt: skip
-                    value = step.func(ctx, *ready.inputs, **self.params)
-                reason = check_serializable(value)
-                if reason:
-                    raise StepResultNotSerializable(
-                        f"step {step.name!r} ({key}) returned a value that is not JSON: {reason}"
-                    )
-            except (Cancelled, RunCancelled):
-                store.put_step(run_id, self.record(StepStatus.CANCELLED))
-                return skipped_ref(key, item, RunStatus.CANCELLED.value)
-            except Exception as exc:
-                return self.on_error(store, exc)
-
-            checkpoint = Checkpoint(key, step.name, value, self.attempt)
-            done = self.record(StepStatus.COMPLETE, percent=100.0, task_id=self.task_id)
-            update = RunUpdate(incr={"steps.done": 1}, set={"heartbeat": now()})
-            if item is None:
-                update.maximum["percent"] = stage_percent(flow, flow["units"])
-                update.events.append(Event(now(), "step", f"{step.name} complete", key))
-            try:
-                stored = write_result(store, step, run_id, checkpoint, done, update)
-            except RESULT_REFUSED as exc:  # the store refused the result: the step's failure path, not a stall
-                return self.on_error(store, exc)
-            if stored is not checkpoint:
-                check_name(stored, step.name, key)
-            elif item is not None:
-                self.counted = flow["stage"]
-            return ok_ref(key, item)
+            ref = self.run_held(store, lock, ready)
+            return ref
         finally:
-            finished = lock.release(count_stage=self.counted)
-            if self.counted is not None and item is not None:
-                report_stage_progress(store, run_id, flow, finished)
+            self.release(lock, ref)
+
+    def run_held(self, store: Store, lock: StepLock, ready: Ready) -> Any:
+        """The attempt proper, under the step lock; returns the step's reference."""
+        step, run_id, key, flow = self.step, self.run_id, self.key, self.flow
+        item = flow["item"]
+        # Read before this attempt's own record replaces it: what the holder we took over from left.
+        before = store.get_step(run_id, key) if lock.stolen else None
+        self.started_at = now()
+        if ready.status is RunStatus.PENDING:  # else it is PROCESSING already: spare the transition's round trip
+            mark_processing(store, run_id, flow)
+        if store.start_step(run_id, self.record(StepStatus.RUNNING, task_id=self.task_id),
+                            RunUpdate(set={"heartbeat": now()})) is not None:  # fmt: skip
+            return ok_ref(key, item)  # finished by another delivery while we waited for the lock
+        if lock.stolen:
+            log.warning("step %s of run %s: took the lock over from a holder that died", key, run_id)
+            dead = self.previous_attempt_died(store, before)
+            if dead is not None:
+                return dead
+        last_error = flow.get("last_error")
+        if last_error and step.policy.exhausted(self.attempt - 1):
+            # The previous attempt was killed at its hard time limit and it was the last one allowed.
+            self.counted = flow["stage"]
+            return record_failure(store, run_id, step, key, self.attempt - 1, last_error[0], last_error[1],
+                                  self.params, flow, backend=self.backend, note=self.note,
+                                  started_at=self.started_at)  # fmt: skip
+        ctx = StepContext(store, run_id=run_id, step_key=key, step_name=step.name, attempt=self.attempt,
+                          flow=flow, backend=self.backend, lock_token=lock.token)  # fmt: skip
+        try:
+            with Heartbeat(lock, store, run_id), step_scope(run_id=run_id, step_key=key, attempt=self.attempt,
+                                                            backend=self.backend):  # fmt: skip
+                value = step.func(ctx, *ready.inputs, **self.params)
+            reason = check_serializable(value)
+            if reason:
+                raise StepResultNotSerializable(
+                    f"step {step.name!r} ({key}) returned a value that is not JSON: {reason}"
+                )
+        except (Cancelled, RunCancelled):
+            store.put_step(run_id, self.record(StepStatus.CANCELLED))
+            return skipped_ref(key, item, RunStatus.CANCELLED.value)
+        except Exception as exc:
+            return self.on_error(store, exc)
+
+        checkpoint = Checkpoint(key, step.name, value, self.attempt)
+        done = self.record(StepStatus.COMPLETE, percent=100.0, task_id=self.task_id, finished_at=now())
+        update = RunUpdate(incr={"steps.done": 1, f"stages.{flow['stage']}.done": 1}, set={"heartbeat": now()})
+        if item is None:
+            # The store derives the run's percent from the stages' counts (models.work_percent).
+            update.events.append(Event(now(), "step", f"{step.name} complete", key))
+        try:
+            stored = write_result(store, step, run_id, checkpoint, done, update)
+        except RESULT_REFUSED as exc:  # the store refused the result: the step's failure path, not a stall
+            return self.on_error(store, exc)
+        if stored is not checkpoint:
+            check_name(stored, step.name, key)
+        elif item is not None:
+            self.counted = flow["stage"]
+        return ok_ref(key, item)
+
+    def release(self, lock: StepLock, ref: Any) -> None:
+        """Release the lock; a fan-out item's last step records its reference in the fan-in in the same trip."""
+        total = self.flow.get("fan_in")
+        entry = None
+        if self.reports_fan_in and total is not None and self.flow["item"] is not None and isinstance(ref, dict):
+            entry = FanInEntry(self.flow["stage"], self.flow["item"], ref, int(total), self.task_id or lock.token,
+                               LEASE_SECONDS)  # fmt: skip
+        outcome = lock.release(count_stage=self.counted, fan_in=entry)
+        if entry is not None:
+            self.reported = True
+            if outcome.continue_stage:
+                publish_continuation(self.run_id, self.flow["stage"], int(total))  # type: ignore[arg-type]
 
 
 class CeleryAttempt(Attempt):
     """An attempt run by a step's Celery task: a held lock and a failure both come back as ``task.retry``."""
 
+    reports_fan_in = True  # a Cloud Run job's attempt does not: its driver task reports for it
+
     def __init__(self, task: Any, step: Step, **kwargs: Any) -> None:
         super().__init__(step, task_id=task.request.id, **kwargs)
         self.task = task
+
+    def wait_for_fan_in(self, exc: FanInIncomplete) -> BaseException:
+        log.info("step %s: %s", self.key, exc)
+        return self.task.retry(countdown=FAN_IN_WAIT, max_retries=None)  # not an attempt: nothing ran
 
     def acquire(self, lock: StepLock) -> bool:
         try:
@@ -251,17 +311,41 @@ class CeleryAttempt(Attempt):
             raise self.task.retry(countdown=LOCK_WAIT * random.uniform(0.5, 1.5))
         return True
 
+    def release(self, lock: StepLock, ref: Any) -> None:
+        try:
+            super().release(lock, ref)
+        except ContinuationUnpublished as exc:
+            raise self.task.retry(countdown=LOCK_WAIT, max_retries=None) from exc  # replays, holds the lease
+        except RedisError as exc:
+            if ref is None:
+                raise  # the attempt is failing already: its own error goes on
+            # The result is checkpointed, but the release carrying its fan-in report was lost with Redis.
+            # Failing the task would ack it, and the stage would wait for this item until the reaper
+            # (found by SIGKILLing Redis mid-fan-out). The report is idempotent per item: try it again
+            # across a restart, then hand it to a retry, which replays from the checkpoint and reports it.
+            log.warning("step %s of run %s: releasing its lock failed (%s); reporting it again", self.key,
+                        self.run_id, exc)  # fmt: skip
+            for delay in REPORT_RETRY_DELAYS:
+                time.sleep(delay)
+                try:
+                    report_item(self.run_id, self.flow, ref, self.task_id or lock.token)
+                except (RedisError, ContinuationUnpublished):
+                    continue
+                self.reported = True
+                return
+            raise self.task.retry(countdown=LOCK_WAIT, exc=exc) from exc
+
     def on_error(self, store: Store, exc: Exception) -> Any:
         step, attempt = self.step, self.attempt
         error_type, message = type(exc).__name__, str(exc)
         if retryable(exc, step.no_retry_on) and not step.policy.exhausted(attempt):
             countdown = step.policy.countdown(attempt)
             record_retry(store, self.run_id, step, self.key, attempt, error_type, message, countdown, self.task_id,
-                         backend=self.backend, note=self.note)  # fmt: skip
+                         backend=self.backend, note=self.note, flow=self.flow, params=self.params)  # fmt: skip
             raise self.task.retry(countdown=countdown, kwargs=self.retry_kwargs()) from exc
         self.counted = self.flow["stage"]
         return record_failure(store, self.run_id, step, self.key, attempt, error_type, message, self.params,
-                              self.flow, backend=self.backend, note=self.note)  # fmt: skip
+                              self.flow, backend=self.backend, note=self.note, started_at=self.started_at)  # fmt: skip
 
     def retry_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"run_id": self.run_id, "key": self.key, "params": self.params,
@@ -276,4 +360,7 @@ def execute_step(task: Any, step: Step, *args: Any, run_id: str, key: str, param
     """The body of every step's Celery task (``backend``/``backend_note``: set by a Cloud Run fallback)."""
     attempt = CeleryAttempt(task, step, run_id=run_id, key=key, params=params, flow=flow, backend=backend,
                             note=backend_note)  # fmt: skip
-    return attempt.run(*args)
+    ref = attempt.run(*args)
+    if not attempt.reported:  # ended without the lock (a replay, a terminal run): record it on its own
+        report_or_retry(task, run_id, flow, ref, countdown=LOCK_WAIT)
+    return ref

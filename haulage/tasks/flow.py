@@ -24,14 +24,23 @@ class Flow(TypedDict):
     attempt: int
     last_error: NotRequired[list[str]]  #: [type, message] of an attempt killed at its hard time limit
     item_params: NotRequired[dict[str, Any]]  #: the fan-out item as given, reported with its failure
+    label: NotRequired[str | None]  #: fan_out(label=...): a template formatted with the item's parameters
+    fan_in: NotRequired[int]  #: on a fan-out item's last step: the item count its fan-in waits for (tasks/fan_in.py)
 
 
 def ok_ref(key: str, item: int | None) -> dict[str, Any]:
     return {"k": key, "ok": 1, "i": item}
 
 
-def failure_ref(key: str, item: int | None, params: dict[str, Any], error_type: str, message: str) -> dict[str, Any]:
-    return {"k": key, "ok": 0, "i": item, "params": params, "error_type": error_type, "message": message}
+def failure_ref(key: str, item: int | None, error_type: str, message: str) -> dict[str, Any]:
+    """A failed fan-out item's reference. Its parameters are not in it: they are kept in the store
+    (:func:`params_key`), because Celery logs a task's return value and Flower shows it."""
+    return {"k": key, "ok": 0, "i": item, "error_type": error_type, "message": message, "pk": params_key(key)}
+
+
+def params_key(key: str) -> str:
+    """The checkpoint key under which a failed item's parameters are kept ('!' is in no step key)."""
+    return f"{key}!params"
 
 
 def skipped_ref(key: str, item: int | None, reason: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import uuid
 
 from haulage import keys
-from haulage.coordination import Coordination, LockGrant
+from haulage.coordination import Coordination, FanInEntry, LockGrant, LockRelease
 from haulage.settings import get_settings
 
 
@@ -51,11 +51,10 @@ class StepLock:
         """Refresh the holder's liveness (called by the step's heartbeat thread)."""
         self.coordination.refresh_liveness(self.token, liveness_seconds())
 
-    def release(self, count_stage: int | None = None) -> int:
-        """Release the lock; when ``count_stage`` is given, also count one finished unit of that stage.
-
-        Returns the stage's new finished count (or -1), in the same round trip.
-        """
-        outcome = self.coordination.release_lock(self.run_id, self.step_key, self.token, count_stage=count_stage)
+    def release(self, count_stage: int | None = None, fan_in: FanInEntry | None = None) -> LockRelease:
+        """Release the lock; when ``count_stage`` is given, also count one finished unit of that stage,
+        and record ``fan_in`` (a fan-out item's final reference), all in the same round trip."""
+        outcome = self.coordination.release_lock(self.run_id, self.step_key, self.token, count_stage=count_stage,
+                                                 fan_in=fan_in)  # fmt: skip
         self.held = False
-        return -1 if outcome.stage_count is None else outcome.stage_count
+        return outcome

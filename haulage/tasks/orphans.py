@@ -12,8 +12,10 @@ So every worker's main process says which deliveries it holds: every
 ``PUBLISH_INTERVAL`` it marks their tags in Redis with a lifetime of
 HAULAGE_LOCK_LIVENESS (:meth:`Coordination.hold_deliveries`). And one worker
 at a time, every ``SWEEP_INTERVAL`` or so, sweeps: it reads the unacked
-deliveries older than the liveness window (the oldest first, at most
-``SWEEP_LIMIT``), and puts back those that no live worker marked, atomically
+deliveries older than the liveness window (at most ``SWEEP_LIMIT`` a sweep,
+from a delivery-time cursor that the next sweep starts from, so a backlog of
+live workers' long-held deliveries never hides an orphan behind it), and puts
+back those that no live worker marked, atomically
 as kombu itself restores them (WATCH ``unacked``, then in one MULTI/EXEC:
 remove from both indices, push the message), at the front of its queue
 (kombu consumes with BRPOP, so RPUSH is the front). A sweep costs one range
@@ -22,30 +24,64 @@ read and one MGET over the messages in flight, whatever the number of runs.
 A worker that is frozen rather than dead (its marks lapsed, its message put
 back) is safe as before: the step lock and its liveness let one delivery run
 the step at a time, and the checkpoint is create-if-absent.
+
+One message escapes all of this: kombu pops a message (BRPOP) before it
+records it as unacked, so a Redis that dies between the two loses it with no
+trace in the broker. The sweeping worker therefore also watches Redis's
+server id; when it changes (Redis restarted), every :data:`RESTART_HOOKS`
+function is called on each sweep turn for ``RESTART_WINDOW`` seconds, and the
+reaper's hook re-sends the unfinished steps of runs that have not moved since.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from celery import Celery, bootsteps, signals
 from celery.worker import state
 
 from haulage.coordination import Coordination, get_coordination
+from haulage.keys import turn
+from haulage.redis_client import get_redis
 from haulage.settings import get_settings
 
 log = logging.getLogger("haulage.orphans")
 
 PUBLISH_INTERVAL = 1.0  #: seconds between a worker's marks of the deliveries it holds
 SWEEP_INTERVAL = 2.0  #: seconds between sweeps, across all workers (one sweeps per turn)
-SWEEP_LIMIT = 1000  #: unacked deliveries, oldest first, one sweep looks at
+SWEEP_LIMIT = 1000  #: unacked deliveries one sweep looks at, from its cursor on
 TURN = "orphan-sweep"
+RESTART_WINDOW = 300.0  #: seconds after a Redis restart during which the restart hooks run, each sweep turn
+
+#: called with the time Redis was seen restarted, on each sweep turn within ``RESTART_WINDOW`` of it; the
+#: workflows layer registers the reaper's re-send of stalled runs here (this layer must not import it)
+RESTART_HOOKS: list[Callable[[float], object]] = []
+
+
+def watch_restart() -> float | None:
+    """When Redis was last seen restarted (its server id changed), if within ``RESTART_WINDOW``; else None.
+
+    The last server id seen is kept in Redis itself (its append-only file brings it back after the
+    restart), so whichever worker sweeps first notices, and any worker that sweeps later carries on.
+    """
+    client = get_redis()
+    server = str(client.info("server")["run_id"])
+    seen = client.getset(turn("redis-server"), server)
+    if seen is not None and (seen.decode() if isinstance(seen, bytes) else str(seen)) != server:
+        client.set(turn("redis-restarted"), repr(time.time()), ex=int(RESTART_WINDOW) + 60)
+        log.warning("Redis restarted (server id %s); re-sending stalled runs' steps for %.0fs", server, RESTART_WINDOW)
+    since = client.get(turn("redis-restarted"))
+    if since is None:
+        return None
+    at = float(since)
+    return at if time.time() - at < RESTART_WINDOW else None
 
 
 def _tags(requests: Iterable[Any]) -> set[str]:
@@ -85,15 +121,31 @@ def task_of(raw: Any) -> tuple[str, str]:
         return "", ""
 
 
-def sweep(app: Celery, channel: Any, coordination: Coordination, *, liveness: float) -> list[str]:
+class Cursor:
+    """Where the next sweep starts: the delivery time (``unacked_index`` score) one sweep stopped at.
+
+    Deliveries that live workers hold stay in the index, oldest first; without a
+    cursor a sweep limited to ``SWEEP_LIMIT`` entries would read the same held
+    ones every time and never reach an orphan delivered after them.
+    """
+
+    def __init__(self) -> None:
+        self.score = float("-inf")
+
+
+def sweep(app: Celery, channel: Any, coordination: Coordination, *, liveness: float,
+          cursor: Cursor | None = None, limit: int = SWEEP_LIMIT) -> list[str]:  # fmt: skip
     """Put back the unacked deliveries older than ``liveness`` that no live worker holds; return their task ids.
 
     ``channel`` is a kombu Redis channel of the app's broker connection, so its
     transport options (``global_keyprefix``, key names, priorities) are the workers'.
     Only messages of this app's tasks are touched: another app on the same broker has its own workers.
+    With a ``cursor`` a sweep reads ``limit`` deliveries from where the last one stopped, and starts
+    over from the oldest once it reaches the window's edge; without one, the oldest ``limit``.
     """
     if not hasattr(channel, "unacked_index_key"):
         return []  # not kombu's Redis transport: nothing of this kind to sweep
+    cursor = cursor or Cursor()
     restored = []
     with channel.conn_or_acquire() as client:
         ceil = time.time() - liveness
@@ -103,7 +155,15 @@ def sweep(app: Celery, channel: Any, coordination: Coordination, *, liveness: fl
         prefix = getattr(client, "global_keyprefix", "") or ""
         if prefix and "ZRANGE" not in getattr(client, "PREFIXED_SIMPLE_COMMANDS", ("ZRANGE",)):
             index = prefix + index
-        old = [_text(t) for t in client.zrange(index, "-inf", ceil, byscore=True, offset=0, num=SWEEP_LIMIT)]
+        # The lower bound is inclusive: entries sharing the cursor's score are read again (a cheap re-check)
+        # rather than skipped; only a page that is all one score moves past it, so the cursor always advances.
+        page = client.zrange(index, cursor.score, ceil, byscore=True, offset=0, num=limit, withscores=True)
+        old = [_text(t) for t, _ in page]
+        if len(page) < limit:
+            cursor.score = float("-inf")  # reached the window's edge: the next sweep starts from the oldest
+        else:
+            last = float(page[-1][1])
+            cursor.score = last if last > float(page[0][1]) else math.nextafter(last, math.inf)
         for tag, held in zip(old, coordination.held_deliveries(old), strict=True):
             if held:
                 continue
@@ -130,6 +190,7 @@ class _Loop:
         self.sweeping = True  #: off while the consumer is stopped; marking goes on until the worker shuts down
         self.token = uuid.uuid4().hex
         self.connection: Any = None
+        self.cursor = Cursor()
 
     def run(self) -> None:
         next_sweep = 0.0
@@ -141,7 +202,11 @@ class _Loop:
                 if self.sweeping and time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SWEEP_INTERVAL
                     if coordination.take_turn(TURN, self.token, SWEEP_INTERVAL):
-                        sweep(self.app, self.channel(), coordination, liveness=liveness)
+                        sweep(self.app, self.channel(), coordination, liveness=liveness, cursor=self.cursor)
+                        restarted = watch_restart()
+                        if restarted is not None:
+                            for hook in RESTART_HOOKS:
+                                hook(restarted)
             except Exception:  # Redis or the broker away: log it and try again next beat; this thread must live on
                 log.exception("orphan sweep: marking held deliveries or sweeping failed; trying again")
                 self.close()

@@ -34,6 +34,10 @@ def _register_task(step: Step) -> Any:
         bind=True,
         typing=False,
         max_retries=None,  # attempts are counted by Haulage's policy, not Celery's
+        # A step's outcome is its checkpoint, and its reference travels in the chain's message or the
+        # fan-in (tasks/fan_in.py): no one reads its Celery result, so skip the backend's STARTED and
+        # SUCCESS writes (two round trips and two publishes a step).
+        ignore_result=True,
         soft_time_limit=step.soft_timeout,
         # Always a hard limit (HAULAGE_DEFAULT_HARD_TIMEOUT when the step sets none): the step
         # lock's TTL is derived from it, and must outlive any run of the step.

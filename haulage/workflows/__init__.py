@@ -21,7 +21,7 @@ from haulage.progress.models import RunRecord, RunStatus, StepRecord, StepStatus
 from haulage.tasks.results import Failure, Results
 from haulage.workflows import registry
 from haulage.workflows.plan import Chain, FanOut, chain, fan_out
-from haulage.workflows.run import Run, cancel_run, get_run, list_runs, resume_run
+from haulage.workflows.run import RUN_ID_PATTERN, Run, cancel_run, get_run, list_runs, resume_run, run_cursor
 from haulage.workflows.workflow import Workflow, workflow
 
 __all__ = [
@@ -37,6 +37,8 @@ __all__ = [
     "Run",
     "get_run",
     "list_runs",
+    "run_cursor",
+    "RUN_ID_PATTERN",
     "cancel_run",
     "resume_run",
     "RunRecord",

@@ -2,8 +2,9 @@
 
 It records the run's final value as the checkpoint ``end`` (what
 ``Run.results()`` returns), copies a small summary onto the run document, and
-ends the run COMPLETE, or FAILED when ``on_failure="fail"`` and the last
-fan-out had failures.
+ends the run COMPLETE (percent 100, the only write that shows it; the message
+says how many fan-out items failed, in any stage), or FAILED when
+``on_failure="fail"`` and the last fan-out had failures.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Any
 
 from haulage.jsonutil import dumps
 from haulage.progress import get_store
-from haulage.progress.models import Checkpoint, Event, RunStatus, RunUpdate, now
+from haulage.progress.models import Checkpoint, Event, RunRecord, RunStatus, RunUpdate, StageKind, now
 from haulage.tasks.app import app
 from haulage.tasks.checkpoints import build_input, input_keys
 from haulage.tasks.ending import end_run, policy_blocks, results_summary
+from haulage.tasks.fan_in import resolve_or_retry
 from haulage.tasks.flow import Flow
 from haulage.tasks.results import Results
 
@@ -31,7 +33,7 @@ SUMMARY_LIMIT = 4096
 def finish_run(task: Any, *args: Any, run_id: str, flow: Flow, settled_for: float = 0.0) -> Any:
     """Record the run's final value and end it COMPLETE (or FAILED under on_failure="fail")."""
     store = get_store()
-    prev = args[0] if args else None
+    prev = resolve_or_retry(task, args[0] if args else None)  # after a fan-out: the fan-in's references
     status, cps = store.load_step_state(run_id, input_keys(flow, prev))
     if status is None or status.terminal:
         return None
@@ -46,7 +48,7 @@ def finish_run(task: Any, *args: Any, run_id: str, flow: Flow, settled_for: floa
     final = results.to_dict() if results is not None else (inputs[0] if inputs else None)
     store.put_checkpoint(run_id, Checkpoint(RESULT_KEY, RESULT_KEY, final))
     summary = _summary(final, results)
-    message = "complete" if results is None or results.ok else f"complete with {len(results.failures)} failure(s)"
+    message = completion_message(store.get_run(run_id))
     end_run(
         store,
         run_id,
@@ -57,6 +59,18 @@ def finish_run(task: Any, *args: Any, run_id: str, flow: Flow, settled_for: floa
         ),
     )
     return None
+
+
+def completion_message(run: RunRecord | None) -> str:
+    """ "complete", or with the fan-out items that failed: "complete, 4 of 30 items failed" (whatever came after)."""
+    if run is None:
+        return "complete"
+    fanned = [s for s in run.stages if s.kind == StageKind.FAN_OUT.value]
+    failed = sum(s.failed for s in fanned)
+    if not failed:
+        return "complete"
+    total = sum(s.total or 0 for s in fanned)
+    return f"complete, {failed} of {total} item{'s' if total != 1 else ''} failed"
 
 
 def _counters_landed(store: Any, run_id: str) -> bool:

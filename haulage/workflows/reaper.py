@@ -7,6 +7,12 @@ is waiting out its backoff, not dead. Otherwise it is resumed from its
 checkpoints, at most HAULAGE_MAX_RECOVERIES times; after that it is marked
 FAILED with the reason in its history. Beat runs the reaper every
 HAULAGE_REAPER_INTERVAL seconds.
+
+After a Redis restart the workers' sweep calls :func:`resend_after_restart`
+for a while (:mod:`haulage.tasks.orphans`): a message kombu had popped but
+not yet recorded when Redis died is gone from the broker, so a run that shows
+no running step and has not moved for the lock liveness window since the
+restart is resumed once, at once, rather than after HAULAGE_STALE_AFTER.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from dataclasses import dataclass, field
 from haulage.errors import HaulageError
 from haulage.progress import get_store
 from haulage.progress.models import ACTIVE, Event, RunStatus, RunUpdate, StepStatus, now
+from haulage.redis_client import get_redis
 from haulage.settings import get_settings
 from haulage.tasks.app import app
 from haulage.tasks.ending import end_run
+from haulage.tasks.orphans import RESTART_HOOKS, RESTART_WINDOW
 from haulage.workflows.maintenance import MAINTENANCE
 from haulage.workflows.run import resume_run
 
@@ -91,3 +99,48 @@ MAINTENANCE["haulage:reaper"] = {
     "schedule": get_settings().reaper_interval,
     "options": {"queue": "short", "expires": get_settings().reaper_interval},
 }
+
+
+def resend_after_restart(restarted_at: float) -> list[str]:
+    """Resume, once per restart, each active run that has been still since the restart; return their ids.
+
+    A run with a step RUNNING is left to the orphan sweep and the lock's liveness; one waiting out a
+    retry backoff is waiting. Any other that has been still for the liveness window may have lost a
+    message: resuming re-sends its unfinished steps, and a step whose message did survive runs once
+    anyway (the lock, then the create-if-absent checkpoint). Such a resume is not one of the run's
+    HAULAGE_MAX_RECOVERIES: a healthy run queued behind a backlog may be resumed this way too.
+    """
+    settings = get_settings()
+    cutoff = now() - settings.lock_liveness
+    if restarted_at > cutoff:
+        return []  # too soon: the steps in flight have not had their chance to be marked or swept yet
+    store = get_store()
+    client = get_redis()
+    resumed = []
+    for status in ACTIVE:
+        for run in store.list_runs(status=status, limit=10_000):
+            if (run.heartbeat or run.created_at) > cutoff:
+                continue
+            marker = f"{settings.key_prefix}:restart-resent:{restarted_at!r}:{run.id}"
+            if client.exists(marker):
+                continue
+            steps = store.list_steps(run.id)
+            waiting = any(
+                s.status is StepStatus.RUNNING
+                or (s.status is StepStatus.QUEUED and s.retry_at is not None and s.retry_at + RETRY_GRACE > now())
+                for s in steps
+            )
+            if waiting or not client.set(marker, "1", nx=True, ex=int(RESTART_WINDOW) * 2):
+                continue
+            try:
+                resume_run(run.id, reason="no progress since Redis restarted; its unfinished steps were sent again",
+                           recovery=False)  # fmt: skip
+            except HaulageError as exc:
+                log.error("cannot resume run %s after the Redis restart: %s", run.id, exc)
+                continue
+            resumed.append(run.id)
+            log.warning("run %s had not moved since Redis restarted; resumed", run.id)
+    return resumed
+
+
+RESTART_HOOKS.append(resend_after_restart)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,34 @@ def test_a_worker_in_warm_shutdown_keeps_its_running_step(world: World) -> None:
     assert "put back task" not in world.logs(), "a message still running in a stopping worker was swept"
     stopping.start()  # the fixture stops both workers
     print(f"\nwarm shutdown: a {LIVENESS + 9:.0f}s step finished in the stopping worker; nothing put back")
+
+
+def test_the_sweep_reaches_an_orphan_behind_more_held_deliveries_than_one_sweep_reads(redis_server: str) -> None:
+    """A backlog of held deliveries older than an orphan must not hide it: the sweep's cursor moves past them."""
+    from kombu import Connection
+
+    from haulage.tasks.app import app
+    from haulage.tasks.orphans import Cursor, sweep
+
+    r = redis.Redis.from_url(redis_server)
+    marks = RedisCoordination(r)
+    prefix = f"cursor-{uuid.uuid4().hex[:8]}:"  # a broker namespace of its own: no session worker sweeps it
+    name = next(n for n in app.tasks if not n.startswith("celery."))
+    queue = "cursor-test"
+    with Connection(redis_server, transport_options={"global_keyprefix": prefix}) as conn:
+        channel = conn.default_channel
+        old = time.time() - 3600
+        held = [f"held-{i}" for i in range(7)]
+        for i, tag in enumerate([*held, "orphan"]):
+            message = {"headers": {"task": name, "id": f"id-{tag}"}, "properties": {"delivery_info": {}}, "body": ""}
+            r.hset(prefix + channel.unacked_key, tag, json.dumps([message, "", queue]))
+            r.zadd(prefix + channel.unacked_index_key, {tag: old + i})  # the orphan is the newest
+        marks.hold_deliveries(held, 600)
+        # Without a cursor, a sweep of 3 reads the same three held deliveries every time.
+        assert all(sweep(app, channel, marks, liveness=15, limit=3) == [] for _ in range(4))
+        cursor = Cursor()
+        found = [sweep(app, channel, marks, liveness=15, cursor=cursor, limit=3) for _ in range(4)]
+        assert ["id-orphan"] in found, found
+        assert r.llen(prefix + queue) == 1 and r.zcard(prefix + channel.unacked_index_key) == 7
+    for key in r.scan_iter(f"{prefix}*"):
+        r.delete(key)

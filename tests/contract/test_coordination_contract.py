@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from haulage.coordination import Coordination, Handoff, LockGrant
+from haulage.coordination import Coordination, FanInEntry, Handoff, LockGrant
 from haulage.coordination.redis_coordination import RedisCoordination
 from haulage.errors import LockUnavailable
 from tests.conftest import wait_until
@@ -184,6 +184,80 @@ def test_stage_counters_count_per_run_and_stage_and_on_release(coordination: Coo
     assert coordination.release_lock(run_id, "0:s", token).stage_count is None  # nothing counted
     # A non-holder's release still counts its unit: the unit finished, whoever holds the lock now.
     assert coordination.release_lock(run_id, "0:s", new_id(), count_stage=1).stage_count == 4
+
+
+# --- fan-in --------------------------------------------------------------
+
+
+def ok(i: int) -> dict[str, Any]:
+    return {"k": f"1:s[{i}]", "ok": 1, "i": i}
+
+
+def failed(i: int) -> dict[str, Any]:
+    return {"k": f"1:s[{i}]", "ok": 0, "i": i, "error_type": "E", "message": "m"}
+
+
+def test_fan_in_completes_once_when_the_last_item_lands(coordination: Coordination) -> None:
+    run_id, rest = new_id(), [{"task": "next"}]
+    coordination.fan_in_open(run_id, 1, rest)
+    assert coordination.fan_in_continuation(run_id, 1) == rest
+    assert coordination.fan_in_add(run_id, 1, {0: ok(0)}, 3, "t0", 30) is False
+    assert coordination.fan_in_add(run_id, 1, {0: ok(0)}, 3, "t0b", 30) is False  # a replay does not count twice
+    assert coordination.fan_in_add(run_id, 1, {1: failed(1)}, 3, "t1", 30) is False
+    assert coordination.fan_in_add(run_id, 1, {2: ok(2)}, 3, "t2", 30) is True  # the last one publishes
+    assert coordination.fan_in_add(run_id, 1, {2: ok(2)}, 3, "t2-other", 30) is False  # the lease is t2's
+    assert coordination.fan_in_add(run_id, 1, {2: ok(2)}, 3, "t2", 30) is True  # t2 redelivered: still its turn
+    coordination.fan_in_continued(run_id, 1)
+    assert coordination.fan_in_add(run_id, 1, {2: ok(2)}, 3, "t2", 30) is False  # published: never again
+    assert sorted(r["i"] for r in coordination.fan_in_refs(run_id, 1)) == [0, 1, 2]
+
+
+def test_fan_in_success_replaces_failure_never_the_reverse(coordination: Coordination) -> None:
+    run_id = new_id()
+    coordination.fan_in_open(run_id, 0, [])
+    coordination.fan_in_add(run_id, 0, {0: failed(0), 1: ok(1)}, 3, "x", 30)
+    coordination.fan_in_add(run_id, 0, {0: ok(0), 1: failed(1)}, 3, "x", 30)
+    assert {r["i"]: r["ok"] for r in coordination.fan_in_refs(run_id, 0)} == {0: 1, 1: 1}
+
+
+def test_fan_in_reopened_forgets_failures_and_publish_marks(coordination: Coordination) -> None:
+    run_id = new_id()
+    coordination.fan_in_open(run_id, 0, [])
+    assert coordination.fan_in_add(run_id, 0, {0: ok(0), 1: failed(1)}, 2, "first", 30) is True
+    coordination.fan_in_continued(run_id, 0)
+    coordination.fan_in_open(run_id, 0, [{"task": "again"}])  # a resume re-expands: the failed item runs again
+    assert [r["i"] for r in coordination.fan_in_refs(run_id, 0)] == [0]
+    assert coordination.fan_in_add(run_id, 0, {1: ok(1)}, 2, "second", 30) is True  # and it publishes again
+
+
+def test_fan_in_reopened_by_the_same_expansion_keeps_its_failures(coordination: Coordination) -> None:
+    run_id = new_id()
+    coordination.fan_in_open(run_id, 0, [], opener="expand-1")
+    coordination.fan_in_add(run_id, 0, {1: failed(1)}, 2, "item-1", 30)
+    coordination.fan_in_open(run_id, 0, [], opener="expand-1")  # the expansion redelivered after a crash
+    assert [r["i"] for r in coordination.fan_in_refs(run_id, 0)] == [1]  # item 1's failure is not forgotten
+    coordination.fan_in_open(run_id, 0, [], opener="resume-2")  # a resume: a new expansion, failures run again
+    assert coordination.fan_in_refs(run_id, 0) == []
+
+
+def test_fan_in_publish_lease_lapses(coordination: Coordination) -> None:
+    run_id = new_id()
+    coordination.fan_in_open(run_id, 0, [])
+    assert coordination.fan_in_add(run_id, 0, {0: ok(0)}, 1, "died", 0.2) is True  # ... and never published
+    assert coordination.fan_in_add(run_id, 0, {0: ok(0)}, 1, "other", 30) is False
+    wait_until(lambda: coordination.fan_in_add(run_id, 0, {0: ok(0)}, 1, "other", 30), timeout=5,
+               what="the dead publisher's lease to lapse")  # fmt: skip
+
+
+def test_release_records_the_fan_in_in_the_same_step(coordination: Coordination) -> None:
+    run_id, token = new_id(), new_id()
+    coordination.fan_in_open(run_id, 1, [])
+    coordination.fan_in_add(run_id, 1, {0: ok(0)}, 2, "a", 30)
+    acquire(coordination, run_id, token)
+    entry = FanInEntry(stage=1, item=1, ref=ok(1), total=2, token="b", lease_seconds=30)
+    released = coordination.release_lock(run_id, "0:s", token, count_stage=1, fan_in=entry)
+    assert released.released is True and released.stage_count == 1 and released.continue_stage is True
+    assert coordination.lock_holder(run_id, "0:s") is None
 
 
 # --- ledgers -------------------------------------------------------------
