@@ -30,7 +30,7 @@ import redis.asyncio
 import redis.asyncio.retry
 import redis.asyncio.sentinel
 import redis.sentinel
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import EqualJitterBackoff  # in every redis-py this project allows (5.2 has no ExponentialWithJitter)
 from redis.retry import Retry
 
 from haulage.settings import get_settings, is_sentinel, parse_sentinel_url
@@ -73,11 +73,13 @@ SENTINEL_TIMEOUT = 1.0
 #: through Sentinel (on a pool of its own) does not get. About 4 s in all: a promoted replica
 #: answers well within that after ``SENTINEL FAILOVER`` (0.4 s measured).
 RETRIES = 10
+#: what those tries are for, named: redis-py before 6 retries nothing it is not told to, whatever ``retry`` says
+RETRY_ON = [redis.ConnectionError, redis.TimeoutError]
 
 
 def retry_policy() -> Retry:
     """redis-py's default retries on a lost connection, for pools made through Sentinel."""
-    return Retry(ExponentialWithJitterBackoff(base=0.01, cap=1.0), RETRIES)
+    return Retry(EqualJitterBackoff(cap=1.0, base=0.01), RETRIES)
 
 
 def connect(url: str, **options: Any) -> redis.Redis:
@@ -91,8 +93,8 @@ def connect(url: str, **options: Any) -> redis.Redis:
     sentinel = redis.sentinel.Sentinel(list(address.sentinels), sentinel_kwargs=_sentinel_kwargs(options))
     master: redis.Redis = sentinel.master_for(get_settings().redis_sentinel_master, db=address.db,
                                               username=address.username, password=address.password,
-                                              **{"retry": retry_policy(), "connection_class": FollowingConnection,
-                                                 **options})  # fmt: skip
+                                              **{"retry": retry_policy(), "retry_on_error": RETRY_ON,
+                                                 "connection_class": FollowingConnection, **options})  # fmt: skip
     return master
 
 
@@ -107,7 +109,8 @@ def connect_async(url: str, **options: Any) -> redis.asyncio.Redis:
         db=address.db,
         username=address.username,
         password=address.password,
-        **{"retry": redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(base=0.01, cap=1.0), RETRIES), **options},
+        **{"retry": redis.asyncio.retry.Retry(EqualJitterBackoff(cap=1.0, base=0.01), RETRIES),
+           "retry_on_error": RETRY_ON, **options},
     )
     return master
 
