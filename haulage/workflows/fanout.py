@@ -121,13 +121,16 @@ def expand_fan_out(task: Any, *args: Any, run_id: str, key: str, spec: dict[str,
     stage, total = flow["stage"], len(items)
     # The rest of the chain waits in the fan-in for the last item, instead of following this task.
     # A redelivery of this message (same task id) keeps the fan-in's failures; a resume (new id) clears them.
-    get_coordination().fan_in_open(run_id, stage, list(task.request.chain or []), opener=task.request.id)
+    rest = list(task.request.chain or [])
+    get_coordination().fan_in_open(run_id, stage, rest, opener=task.request.id)
     task.request.chain = None
     try:
         _publish_all(task, run_id, spec, flow, items, total, refused)
     except (OperationalError, RedisError, ContinuationUnpublished) as exc:
         # Acked now, the items not yet published would wait for the reaper; the retry publishes them again
-        # (an item published twice runs once: its lock, then its checkpoint).
+        # (an item published twice runs once: its lock, then its checkpoint). The retry's message is built
+        # from this request: it must carry the rest of the chain again, or its fan_in_open would store none.
+        task.request.chain = rest
         raise task.retry(countdown=PUBLISH_RETRY, max_retries=None) from exc
     return {"fan_out": total}
 
