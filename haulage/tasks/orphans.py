@@ -29,7 +29,7 @@ One message escapes all of this: kombu pops a message (BRPOP) before it
 records it as unacked, so a Redis that dies between the two loses it with no
 trace in the broker. The sweeping worker therefore also watches Redis's
 server id; when it changes (Redis restarted), every :data:`RESTART_HOOKS`
-function is called on each sweep turn for ``RESTART_WINDOW`` seconds, and the
+function is called every ``RESTART_HOOK_INTERVAL`` for ``RESTART_WINDOW`` seconds, and the
 reaper's hook re-sends the unfinished steps of runs that have not moved since.
 """
 
@@ -58,9 +58,11 @@ PUBLISH_INTERVAL = 1.0  #: seconds between a worker's marks of the deliveries it
 SWEEP_INTERVAL = 2.0  #: seconds between sweeps, across all workers (one sweeps per turn)
 SWEEP_LIMIT = 1000  #: unacked deliveries one sweep looks at, from its cursor on
 TURN = "orphan-sweep"
-RESTART_WINDOW = 300.0  #: seconds after a Redis restart during which the restart hooks run, each sweep turn
+RESTART_WINDOW = 300.0  #: seconds after a Redis restart during which the restart hooks run
+RESTART_HOOK_INTERVAL = 2.0  #: seconds between calls of the hooks, across all workers (each lists the active runs)
+RESTART_TURN = "restart-hooks"
 
-#: called with the time Redis was seen restarted, on each sweep turn within ``RESTART_WINDOW`` of it; the
+#: called with the time Redis was seen restarted, every RESTART_HOOK_INTERVAL within ``RESTART_WINDOW``; the
 #: workflows layer registers the reaper's re-send of stalled runs here (this layer must not import it)
 RESTART_HOOKS: list[Callable[[float], object]] = []
 
@@ -204,7 +206,8 @@ class _Loop:
                     if coordination.take_turn(TURN, self.token, SWEEP_INTERVAL):
                         sweep(self.app, self.channel(), coordination, liveness=liveness, cursor=self.cursor)
                         restarted = watch_restart()
-                        if restarted is not None:
+                        if restarted is not None and coordination.take_turn(RESTART_TURN, self.token,
+                                                                            RESTART_HOOK_INTERVAL):  # fmt: skip
                             for hook in RESTART_HOOKS:
                                 hook(restarted)
             except Exception:  # Redis or the broker away: log it and try again next beat; this thread must live on
