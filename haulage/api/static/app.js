@@ -301,7 +301,9 @@ function showItems(steps) {
 }
 
 function showFailures(failures) {
-  const rows = failures.map((f) => {
+  // In item order, not the order they failed in (parallel items land in any order).
+  const ordered = [...failures].sort((a, b) => (a.index ?? 0) - (b.index ?? 0) || String(a.step).localeCompare(String(b.step)));
+  const rows = ordered.map((f) => {
     const tr = el("tr");
     tr.append(el("td", "", f.step || ""), el("td", "", f.label || ""), el("td", "", JSON.stringify(f.params)),
       el("td", "", `${f.error_type}: ${f.message}`));
